@@ -1,0 +1,375 @@
+//! A private RabbitMQ broker (Debian's rabbitmq-server, 3.10 here) with its own epmd.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::janitor;
+use crate::ports::{connect, free_ports, wait_bindable};
+use crate::process::{
+    BootFailure, INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied,
+    wait_for, wait_ready,
+};
+
+const RABBITMQ_LIB: &str = "/usr/lib/rabbitmq/lib";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+const EPMD_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_GRACE: Duration = Duration::from_secs(15);
+const PORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+const ATTEMPTS: u32 = 3;
+/// AMQP 0-9-1 protocol header; the broker answers with connection.start (frame type 1).
+const AMQP_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
+
+/// The installed broker's scripts and Erlang's epmd.
+#[derive(Debug, Clone)]
+struct Install {
+    server: PathBuf,
+    ctl: PathBuf,
+    epmd: PathBuf,
+}
+
+impl Install {
+    /// Finds the installation, or panics saying how to install it.
+    fn find() -> Install {
+        let sbin = rabbitmq_sbin().unwrap_or_else(|| {
+            panic!("RabbitMQ is not installed (no {RABBITMQ_LIB}/rabbitmq_server-*/sbin/rabbitmq-server): {INSTALL_HINT}")
+        });
+        let epmd = find_program("epmd").unwrap_or_else(|| {
+            panic!(
+                "Erlang's epmd is not installed (not in PATH, /usr/sbin, /usr/bin): {INSTALL_HINT}"
+            )
+        });
+        Install {
+            server: sbin.join("rabbitmq-server"),
+            ctl: sbin.join("rabbitmqctl"),
+            epmd,
+        }
+    }
+}
+
+/// The `sbin` directory of the newest `rabbitmq_server-*` under [`RABBITMQ_LIB`].
+///
+/// Its scripts run the broker as the current user; `/usr/sbin/rabbitmq-server` would
+/// switch to the `rabbitmq` user and the system-wide node.
+fn rabbitmq_sbin() -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(RABBITMQ_LIB)
+        .ok()?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| {
+            let name = path.file_name().unwrap_or_default().to_string_lossy();
+            name.starts_with("rabbitmq_server-") && path.join("sbin/rabbitmq-server").is_file()
+        })
+        .collect();
+    dirs.sort();
+    dirs.pop().map(|dir| dir.join("sbin"))
+}
+
+/// A private RabbitMQ node on free loopback ports, with its own epmd, configuration,
+/// database and logs in a fresh temporary directory. User `guest`, password `guest`.
+///
+/// The broker and its epmd are killed when this value is dropped and, in any case,
+/// when the test process ends (however it ends).
+pub struct RabbitMq {
+    dir: TempDir,
+    install: Install,
+    node: String,
+    amqp_port: u16,
+    dist_port: u16,
+    epmd_port: u16,
+    epmd: ServerProcess,
+    broker: ServerProcess,
+}
+
+impl RabbitMq {
+    /// Starts a new broker and waits until it answers the AMQP protocol header.
+    ///
+    /// # Panics
+    /// If RabbitMQ is not installed (the message says to run
+    /// `scripts/install-services.sh`), or if it does not come up within 30 s (the
+    /// message holds the end of its logs).
+    pub fn start() -> RabbitMq {
+        let install = Install::find();
+        for attempt in 1..=ATTEMPTS {
+            let broker = RabbitMq::prepare(install.clone());
+            match broker.boot() {
+                Ok(()) => return broker,
+                // Most likely a port was taken between choosing and binding it.
+                Err(BootFailure::Exited(_)) if attempt < ATTEMPTS => continue,
+                Err(failure) => broker.fail("start", &failure),
+            }
+        }
+        unreachable!("the last attempt either returns or panics")
+    }
+
+    /// The AMQP URL for the default vhost: `amqp://guest:guest@127.0.0.1:{port}/%2f`.
+    pub fn amqp_url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp_port)
+    }
+
+    /// The AMQP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.amqp_port
+    }
+
+    /// The directory holding the configuration, the database (`mnesia/`) and the
+    /// logs (`log/`).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Stops the broker with SIGTERM (a clean shutdown, about 1 s) and waits for it
+    /// to exit (SIGKILL after 15 s). Its epmd keeps running for [`RabbitMq::restart`].
+    pub fn stop(&self) {
+        self.broker.stop(STOP_GRACE);
+    }
+
+    /// Kills the broker with SIGKILL and waits for it to exit.
+    pub fn kill(&self) {
+        self.broker.kill();
+    }
+
+    /// Starts the broker again on the same port with the same database (stopping it
+    /// first if it runs), so durable queues and persistent messages survive; waits
+    /// until it answers.
+    ///
+    /// # Panics
+    /// If the port is not released within 10 s or the broker does not come up.
+    pub fn restart(&self) {
+        self.stop();
+        if !wait_bindable(&[self.amqp_port, self.dist_port], PORT_RELEASE_TIMEOUT) {
+            panic!(
+                "RabbitMQ restart: port {} or {} still in use after {PORT_RELEASE_TIMEOUT:?}",
+                self.amqp_port, self.dist_port
+            );
+        }
+        if !self.epmd.is_running() {
+            self.start_epmd();
+        }
+        for attempt in 1..=ATTEMPTS {
+            match self.boot_broker() {
+                Ok(()) => return,
+                Err(BootFailure::Exited(_)) if attempt < ATTEMPTS => continue,
+                Err(failure) => self.fail("restart", &failure),
+            }
+        }
+    }
+
+    /// Whether the broker process is alive.
+    pub fn is_running(&self) -> bool {
+        self.broker.is_running()
+    }
+
+    /// Runs `rabbitmqctl` against this node and returns its standard output, e.g.
+    /// `ctl(&["list_queues", "name", "messages_ready", "messages_unacknowledged"])`.
+    /// Put `-q` first (and `--no-table-headers` after the command) for bare output.
+    ///
+    /// # Panics
+    /// With rabbitmqctl's output if it fails.
+    pub fn ctl(&self, args: &[&str]) -> String {
+        let mut cmd = Command::new(&self.install.ctl);
+        self.node_env(&mut cmd)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let output = spawn_tied(cmd)
+            .and_then(|child| child.wait_with_output())
+            .unwrap_or_else(|err| panic!("cannot run rabbitmqctl {args:?}: {err}"));
+        if !output.status.success() {
+            panic!(
+                "rabbitmqctl {args:?} failed ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// A new, not yet started broker: fresh directory, ports and configuration.
+    fn prepare(install: Install) -> RabbitMq {
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-rabbitmq-")
+            .tempdir()
+            .unwrap_or_else(|err| panic!("cannot create a temp dir for RabbitMQ: {err}"));
+        janitor::remove_after_exit(dir.path());
+        let [amqp_port, dist_port, epmd_port] = free_ports();
+        let broker = RabbitMq {
+            dir,
+            install,
+            node: format!("rabbit-testkit-{amqp_port}@localhost"),
+            amqp_port,
+            dist_port,
+            epmd_port,
+            epmd: ServerProcess::new("epmd"),
+            broker: ServerProcess::new("rabbitmq-server"),
+        };
+        broker.write_files();
+        broker
+    }
+
+    fn write_files(&self) {
+        let config = format!(
+            "listeners.tcp.1 = 127.0.0.1:{}\nlog.console = false\nlog.file.level = info\n",
+            self.amqp_port
+        );
+        for (name, content) in [
+            ("rabbitmq.conf", config.as_str()),
+            ("advanced.config", "[].\n"),
+            ("enabled_plugins", "[].\n"),
+            ("rabbitmq-env.conf", ""),
+        ] {
+            self.write(name, content);
+        }
+        for sub in ["mnesia", "log"] {
+            fs::create_dir_all(self.dir().join(sub)).unwrap_or_else(|err| {
+                panic!("cannot create {sub} in {}: {err}", self.dir().display())
+            });
+        }
+    }
+
+    fn write(&self, name: &str, content: &str) {
+        let path = self.dir().join(name);
+        fs::write(&path, content)
+            .unwrap_or_else(|err| panic!("cannot write {}: {err}", path.display()));
+    }
+
+    /// The environment shared by the broker and rabbitmqctl: everything private.
+    fn node_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        let dir = self.dir();
+        cmd.env_clear()
+            .env("PATH", search_path())
+            .env("LC_ALL", "C.UTF-8")
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", &self.node)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            // 0: each rabbitmqctl run lets the OS pick its distribution port, so
+            // concurrent runs cannot collide.
+            .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
+            .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("rabbitmq.pid"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+    }
+
+    fn boot(&self) -> Result<(), BootFailure> {
+        let t = std::time::Instant::now();
+        self.start_epmd();
+        eprintln!("DBG epmd up {:?}", t.elapsed());
+        let r = self.boot_broker();
+        eprintln!("DBG broker up {:?}", t.elapsed());
+        r
+    }
+
+    /// A private epmd, so the node does not start a shared one that outlives it.
+    fn start_epmd(&self) {
+        let mut cmd = Command::new(&self.install.epmd);
+        cmd.args([
+            "-port",
+            &self.epmd_port.to_string(),
+            "-address",
+            "127.0.0.1",
+        ])
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(self.output_log("epmd.log"))
+        .stderr(self.output_log("epmd.log"))
+        .process_group(0);
+        self.epmd.launch(cmd);
+        let up = wait_for(EPMD_TIMEOUT, || {
+            connect(self.epmd_port, Duration::from_secs(1)).is_ok() || !self.epmd.is_running()
+        });
+        if !up || !self.epmd.is_running() {
+            panic!(
+                "epmd did not start on port {} within {EPMD_TIMEOUT:?}.\n{}",
+                self.epmd_port,
+                log_tail(&[self.dir().join("epmd.log")], 20)
+            );
+        }
+    }
+
+    fn boot_broker(&self) -> Result<(), BootFailure> {
+        let mut cmd = Command::new(&self.install.server);
+        self.node_env(&mut cmd)
+            // With input allowed the script execs straight into beam.smp, so the pid
+            // we hold is the broker itself; -noinput keeps the shell off.
+            .env("RABBITMQ_ALLOW_INPUT", "1")
+            .env("RABBITMQ_SERVER_START_ARGS", "-noinput")
+            .current_dir(self.dir())
+            .stdin(Stdio::null())
+            .stdout(self.output_log("log/stdout.log"))
+            .stderr(self.output_log("log/stdout.log"))
+            .process_group(0);
+        self.broker.launch(cmd);
+        wait_ready(&self.broker, READY_TIMEOUT, || {
+            amqp_handshake(self.amqp_port)
+        })
+    }
+
+    fn output_log(&self, name: &str) -> File {
+        let path = self.dir().join(name);
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap_or_else(|err| panic!("cannot open {}: {err}", path.display()))
+    }
+
+    fn fail(&self, what: &str, failure: &BootFailure) -> ! {
+        let logs = [
+            self.dir().join("log/stdout.log"),
+            self.dir().join(format!("log/{}.log", self.node)),
+        ];
+        panic!(
+            "RabbitMQ {what} failed: {failure} (AMQP port {}, dir {}).\n{}\n\
+             If RabbitMQ is missing or broken, {INSTALL_HINT}.",
+            self.amqp_port,
+            self.dir().display(),
+            log_tail(&logs, 30)
+        );
+    }
+}
+
+/// Whether an AMQP 0-9-1 broker answers the protocol header on `port`.
+pub(crate) fn amqp_handshake(port: u16) -> bool {
+    let Ok(mut stream) = connect(port, Duration::from_secs(2)) else {
+        return false;
+    };
+    let mut first = [0u8; 1];
+    stream.write_all(AMQP_HEADER).is_ok() && stream.read_exact(&mut first).is_ok() && first[0] == 1
+}
+
+impl fmt::Debug for RabbitMq {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMq")
+            .field("node", &self.node)
+            .field("amqp_port", &self.amqp_port)
+            .field("dist_port", &self.dist_port)
+            .field("epmd_port", &self.epmd_port)
+            .field("dir", &self.dir())
+            .field("pid", &self.broker.pid())
+            .field("running", &self.is_running())
+            .finish()
+    }
+}
+
+impl Drop for RabbitMq {
+    fn drop(&mut self) {
+        self.broker.kill_quietly();
+        self.epmd.kill_quietly();
+        // The TempDir field removes the directory next.
+    }
+}
