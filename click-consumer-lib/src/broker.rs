@@ -1,0 +1,267 @@
+//! RabbitMQ: the URL, connecting, and the topology shared by the consumer and the
+//! publisher (exchange, queue, binding, dead-letter queue).
+
+use std::time::Duration;
+
+use lapin::{
+    Channel, Connection, ConnectionProperties, ExchangeKind,
+    options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+    uri::AMQPUri,
+};
+
+use crate::config::{Config, ExchangeType, QueueType};
+use crate::error::{Error, Result};
+use crate::secret::redact_url;
+
+/// How many times a quorum queue redelivers a message before dead-lettering it.
+const QUORUM_DELIVERY_LIMIT: i64 = 20;
+
+/// Parses an AMQP URL the way the Python clients do: an empty path (`amqp://host:5672/`)
+/// is the default vhost `/`, not the empty vhost lapin would read. Errors never include
+/// the password.
+pub(crate) fn parse_url(url: &str) -> Result<AMQPUri> {
+    let mut uri: AMQPUri = url.parse().map_err(|e: String| {
+        // The parser's message may quote the whole URL: only ever show the redacted form.
+        let detail = e.replace(url, &redact_url(url));
+        let shown = if url.contains("://") {
+            format!("`{}` is not", redact_url(url))
+        } else {
+            "the value is not".to_owned()
+        };
+        let detail = if url.contains("://") {
+            detail
+        } else {
+            "expected amqp://user:password@host:port/vhost".to_owned()
+        };
+        Error::setting("RABBITMQ_URL", format!("{shown} an AMQP URL: {detail}"))
+    })?;
+    if uri.vhost.is_empty() {
+        uri.vhost = "/".to_owned();
+    }
+    Ok(uri)
+}
+
+/// Opens a connection, giving up after `timeout` (a black-holed host would otherwise hang
+/// for the TCP timeout).
+pub(crate) async fn connect(
+    config: &Config,
+    timeout: Duration,
+) -> Result<Connection, lapin::Error> {
+    let uri = parse_url(&config.rabbitmq_url)
+        .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
+    let properties = ConnectionProperties::default()
+        .with_connection_name(LongString::from(config.consumer_tag()));
+    match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
+        Ok(result) => result,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("no answer within {timeout:?}"),
+        )
+        .into()),
+    }
+}
+
+/// Whether a connection error is worth retrying (the broker is down or restarting) rather
+/// than fatal (wrong credentials, unknown vhost, not AMQP at all).
+pub(crate) fn is_retryable(error: &lapin::Error) -> bool {
+    use lapin::protocol::AMQPHardError;
+    match error.kind() {
+        lapin::ErrorKind::InvalidProtocolVersion(_) | lapin::ErrorKind::AuthProviderError(_) => {
+            false
+        }
+        lapin::ErrorKind::ProtocolError(e) => !matches!(
+            e.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        _ => true,
+    }
+}
+
+/// The soft AMQP error code of a failed operation, if the broker sent one.
+pub(crate) fn soft_error(error: &lapin::Error) -> Option<(AMQPSoftError, String)> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(e) => match e.kind() {
+            AMQPErrorKind::Soft(soft) => Some((soft.clone(), e.get_message().to_string())),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
+/// Declares the exchange, the queue, their binding, and the dead-letter queue. The
+/// publisher declares the same, so either side may start first.
+///
+/// # Errors
+/// [`Error::Topology`] naming the setting to change when the broker refuses a declaration
+/// (an exchange or queue that exists with other properties); [`Error::Broker`] otherwise.
+pub(crate) async fn declare_topology(channel: &Channel, config: &Config) -> Result<()> {
+    let exchange = &config.exchange;
+    channel
+        .exchange_declare(
+            ShortString::from(exchange.as_str()),
+            exchange_kind(config.exchange_type),
+            ExchangeDeclareOptions {
+                durable: true,
+                ..ExchangeDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            declare_error(
+                format!("failed to declare exchange `{exchange}` as {} durable", config.exchange_type),
+                "the exchange exists with another type or durability: set RABBITMQ_EXCHANGE_TYPE to its type, or RABBITMQ_EXCHANGE to another name",
+                e,
+            )
+        })?;
+    let dead_letter = config.dead_letter_queue();
+    if let Some(dlq) = &dead_letter {
+        declare_queue(channel, dlq, QueueType::Classic, FieldTable::default())
+            .await
+            .map_err(|e| {
+                declare_error(
+                    format!("failed to declare dead-letter queue `{dlq}`"),
+                    "the queue exists with other properties: set DEAD_LETTER_QUEUE to another name",
+                    e,
+                )
+            })?;
+    }
+    let queue = &config.queue;
+    declare_queue(channel, queue, config.queue_type, queue_arguments(config, dead_letter.as_deref()))
+        .await
+        .map_err(|e| {
+            declare_error(
+                format!("failed to declare queue `{queue}` as a durable {:?} queue", config.queue_type),
+                "the queue exists with other properties (type, durability or arguments): set RABBITMQ_QUEUE_TYPE to match it, or RABBITMQ_QUEUE to another name",
+                e,
+            )
+        })?;
+    let key = config.routing_key();
+    channel
+        .queue_bind(
+            ShortString::from(queue.as_str()),
+            ShortString::from(exchange.as_str()),
+            ShortString::from(key),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            declare_error(
+                format!("failed to bind queue `{queue}` to exchange `{exchange}` with key `{key}`"),
+                "check RABBITMQ_ROUTING_KEY and the user's permissions",
+                e,
+            )
+        })?;
+    Ok(())
+}
+
+async fn declare_queue(
+    channel: &Channel,
+    name: &str,
+    kind: QueueType,
+    mut arguments: FieldTable,
+) -> Result<(), lapin::Error> {
+    if kind == QueueType::Quorum {
+        arguments.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString(LongString::from("quorum")),
+        );
+    }
+    channel
+        .queue_declare(
+            ShortString::from(name),
+            QueueDeclareOptions::durable(),
+            arguments,
+        )
+        .await
+        .map(drop)
+}
+
+/// A quorum queue counts redeliveries and dead-letters a message that keeps coming back
+/// (a poison message that crashes consumers) to our dead-letter queue.
+fn queue_arguments(config: &Config, dead_letter: Option<&str>) -> FieldTable {
+    let mut arguments = FieldTable::default();
+    if config.queue_type == QueueType::Quorum {
+        arguments.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(QUORUM_DELIVERY_LIMIT),
+        );
+        if let Some(dlq) = dead_letter {
+            arguments.insert(
+                ShortString::from("x-dead-letter-exchange"),
+                AMQPValue::LongString(LongString::from("")),
+            );
+            arguments.insert(
+                ShortString::from("x-dead-letter-routing-key"),
+                AMQPValue::LongString(LongString::from(dlq)),
+            );
+        }
+    }
+    arguments
+}
+
+fn declare_error(what: String, hint: &str, error: lapin::Error) -> Error {
+    match soft_error(&error) {
+        Some((AMQPSoftError::PRECONDITIONFAILED, detail)) => Error::Topology {
+            what,
+            detail,
+            hint: hint.to_owned(),
+        },
+        Some((AMQPSoftError::ACCESSREFUSED, detail)) => Error::Topology {
+            what,
+            detail,
+            hint: "grant the RabbitMQ user configure, write and read permissions on these names"
+                .to_owned(),
+        },
+        _ => Error::broker(what, error),
+    }
+}
+
+fn exchange_kind(kind: ExchangeType) -> ExchangeKind {
+    match kind {
+        ExchangeType::Direct => ExchangeKind::Direct,
+        ExchangeType::Fanout => ExchangeKind::Fanout,
+        ExchangeType::Topic => ExchangeKind::Topic,
+        ExchangeType::Headers => ExchangeKind::Headers,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_path_is_the_default_vhost() {
+        assert_eq!(
+            parse_url("amqp://guest:guest@localhost:5672/")
+                .unwrap()
+                .vhost,
+            "/"
+        );
+        assert_eq!(
+            parse_url("amqp://guest:guest@localhost:5672")
+                .unwrap()
+                .vhost,
+            "/"
+        );
+        assert_eq!(parse_url("amqp://localhost/%2f").unwrap().vhost, "/");
+        assert_eq!(parse_url("amqp://localhost/prod").unwrap().vhost, "prod");
+    }
+
+    #[test]
+    fn bad_urls_name_the_setting_without_the_password() {
+        for url in [
+            "http://u:pw-secret@host/",
+            "amqp://u:pw-secret@host:port/",
+            "garbage pw-secret",
+        ] {
+            let err = parse_url(url).expect_err(url).to_string();
+            assert!(err.starts_with("invalid setting RABBITMQ_URL"), "{err}");
+            assert!(!err.contains("pw-secret"), "{err}");
+        }
+    }
+}

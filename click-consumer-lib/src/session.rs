@@ -1,0 +1,407 @@
+//! One broker session: a connection, its channels, the consume loop. A lost connection
+//! ends the session; the consumer opens a new one. Delivery tags never outlive their
+//! session, so an old tag is never acknowledged on a new channel.
+
+use std::{sync::Arc, time::Duration};
+
+use futures_util::StreamExt;
+use lapin::{
+    Channel, Connection,
+    message::Delivery,
+    options::{
+        BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+        QueueDeclareOptions,
+    },
+    types::{FieldTable, ShortString},
+};
+use tokio::{task::JoinHandle, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Batch;
+use crate::broker;
+use crate::commit::{Committer, Outcome};
+use crate::config::Config;
+use crate::dead_letter::{DeadLetters, Sent};
+use crate::error::Error;
+use crate::event::Row;
+use crate::metrics::{Metrics, StatsLog};
+use crate::store::Store;
+
+/// Time kept back from the shutdown deadline to close the channels and the connection.
+const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// Why a session ended.
+#[derive(Debug)]
+pub(crate) enum End {
+    /// The caller asked us to stop; buffered messages were flushed or left unacked.
+    Shutdown,
+    /// The connection or channel failed, or the server cancelled the consumer.
+    BrokerLost(String),
+    /// ClickHouse failed long enough that the batch was released back to the queue.
+    ClickHouseDown,
+    /// The topology must be declared again (dead-letter queue gone).
+    Redeclare,
+    /// Stop the consumer.
+    Fatal(Error),
+}
+
+/// Why a session could not be opened.
+#[derive(Debug)]
+pub(crate) enum OpenError {
+    Retry(lapin::Error),
+    Fatal(Error),
+}
+
+impl From<lapin::Error> for OpenError {
+    fn from(error: lapin::Error) -> Self {
+        if broker::is_retryable(&error) {
+            OpenError::Retry(error)
+        } else {
+            OpenError::Fatal(Error::broker("RabbitMQ refused the connection", error))
+        }
+    }
+}
+
+/// What every session shares with the consumer.
+#[derive(Clone)]
+pub(crate) struct Shared {
+    pub(crate) config: Arc<Config>,
+    pub(crate) store: Store,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) consumer_tag: String,
+    pub(crate) on_commit: Option<crate::commit::CommitHook>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared")
+            .field("config", &self.config)
+            .field("consumer_tag", &self.consumer_tag)
+            .field("on_commit", &self.on_commit.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) struct Session {
+    shared: Shared,
+    connection: Connection,
+    consume: Channel,
+    consumer: lapin::Consumer,
+    dead_letters: DeadLetters,
+    committer: Committer,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("consumer_tag", &self.shared.consumer_tag)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    /// Connects, declares the topology, and starts consuming.
+    pub(crate) async fn open(
+        shared: Shared,
+        connect_timeout: Duration,
+    ) -> Result<Session, OpenError> {
+        let config = &shared.config;
+        let connection = broker::connect(config, connect_timeout).await?;
+        let consume = connection.create_channel().await?;
+        broker::declare_topology(&consume, config)
+            .await
+            .map_err(|e| match e {
+                Error::Broker { source, .. } if broker::is_retryable(&source) => {
+                    OpenError::Retry(source)
+                }
+                other => OpenError::Fatal(other),
+            })?;
+        consume
+            .basic_qos(config.prefetch(), BasicQosOptions::default())
+            .await?;
+        let publish = connection.create_channel().await?;
+        publish
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        let consumer = consume
+            .basic_consume(
+                ShortString::from(config.queue.as_str()),
+                ShortString::from(shared.consumer_tag.as_str()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let dead_letters = DeadLetters::new(
+            publish,
+            consume.clone(),
+            config.dead_letter_queue(),
+            shared.consumer_tag.clone(),
+        );
+        let committer = Committer {
+            store: shared.store.clone(),
+            dead_letters: dead_letters.clone(),
+            consume: consume.clone(),
+            metrics: shared.metrics.clone(),
+            initial_backoff: config.retry_initial_backoff,
+            max_backoff: config.retry_max_backoff,
+            release_after: config.insert_release_after,
+            on_commit: shared.on_commit.clone(),
+        };
+        Ok(Session {
+            shared,
+            connection,
+            consume,
+            consumer,
+            dead_letters,
+            committer,
+        })
+    }
+
+    /// Consumes until `stop` is cancelled or something fails. While one batch is being
+    /// committed the next one fills (the prefetch allows two), so inserting overlaps
+    /// consuming; commits themselves run one at a time, in delivery-tag order, which is
+    /// what makes a multiple-ack of a batch's last tag correct.
+    pub(crate) async fn run(mut self, stop: &CancellationToken, stats: &mut StatsLog) -> End {
+        let config = self.shared.config.clone();
+        let mut batch = Batch::with_capacity(config.batch_size);
+        let mut in_flight: Option<JoinHandle<Outcome>> = None;
+        let mut stats_tick = tokio::time::interval_at(
+            Instant::now() + config.stats_interval,
+            config.stats_interval,
+        );
+        let end = loop {
+            let deadline = batch.deadline(config.batch_timeout);
+            let due =
+                batch.len() >= config.batch_size || deadline.is_some_and(|d| d <= Instant::now());
+            if in_flight.is_none() && due {
+                let full = std::mem::replace(&mut batch, Batch::with_capacity(config.batch_size));
+                log::debug!(
+                    "flushing batch: {} rows, {} messages, up to delivery tag {}",
+                    full.row_count(),
+                    full.len(),
+                    full.last_tag()
+                );
+                in_flight = Some(tokio::spawn(
+                    self.committer.clone().commit(full.into_parts()),
+                ));
+                continue;
+            }
+            let receiving = batch.len() < config.batch_size;
+            let flush_timer = deadline.filter(|_| in_flight.is_none());
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break self.drain(batch, in_flight.take()).await,
+                outcome = join(&mut in_flight) => {
+                    in_flight = None;
+                    match outcome {
+                        Outcome::Committed => {}
+                        other => break end_of(other),
+                    }
+                }
+                () = sleep_until(flush_timer) => {}
+                _ = stats_tick.tick() => {
+                    self.refresh_queue_depth().await;
+                    stats.log();
+                }
+                delivery = self.consumer.next(), if receiving => match delivery {
+                    Some(Ok(delivery)) => {
+                        if let Err(e) = self.accept(delivery, &mut batch).await {
+                            break End::BrokerLost(format!("dead-lettering failed: {e}"));
+                        }
+                    }
+                    Some(Err(e)) => break End::BrokerLost(e.to_string()),
+                    None => break End::BrokerLost(
+                        "the broker cancelled the consumer (queue deleted or node going down)".to_owned(),
+                    ),
+                },
+            }
+        };
+        if let Some(task) = in_flight {
+            task.abort();
+        }
+        self.close().await;
+        end
+    }
+
+    /// Decodes one delivery into the batch, or dead-letters it.
+    async fn accept(&self, delivery: Delivery, batch: &mut Batch) -> Result<(), lapin::Error> {
+        let metrics = &self.shared.metrics;
+        metrics.received.inc();
+        metrics.unacked.inc();
+        let tag = delivery.delivery_tag;
+        if delivery.redelivered {
+            metrics.redelivered.inc();
+        }
+        let max_bytes = self.shared.config.max_message_bytes;
+        // Decode from the body taken out of the delivery, so the row can be encoded
+        // straight into the batch and the delivery moved in after it.
+        let mut delivery = delivery;
+        let body = std::mem::take(&mut delivery.data);
+        let decoded = Row::decode(&body, max_bytes).map(|row| {
+            log::debug!(
+                "delivery {tag}{}: short_code {:?}, timestamp {}",
+                if delivery.redelivered {
+                    " (redelivered)"
+                } else {
+                    ""
+                },
+                row.short_code,
+                row.timestamp
+            );
+            row.encode(batch.row_buffer());
+        });
+        delivery.data = body;
+        let invalid = match decoded {
+            Ok(()) => {
+                batch.push_row(delivery);
+                return Ok(());
+            }
+            Err(invalid) => invalid,
+        };
+        log::debug!(
+            "delivery {tag}: dead-lettered ({}): {invalid}",
+            invalid.kind().as_str()
+        );
+        metrics.dead_lettered(invalid.kind());
+        match self.dead_letters.send(&delivery, &invalid).await? {
+            Sent::Pending(pending) => batch.push_dead_letter(pending),
+            Sent::Rejected => batch.push_settled(),
+        }
+        Ok(())
+    }
+
+    /// On shutdown: stop deliveries, finish the commit in flight, commit what is buffered,
+    /// all before the deadline. What is not committed by then stays unacknowledged and
+    /// returns to the queue when the channel closes.
+    async fn drain(&mut self, batch: Batch, in_flight: Option<JoinHandle<Outcome>>) -> End {
+        let config = &self.shared.config;
+        let deadline = Instant::now() + config.shutdown_timeout.saturating_sub(CLOSE_MARGIN);
+        let tag = ShortString::from(self.shared.consumer_tag.as_str());
+        let cancel = self
+            .consume
+            .basic_cancel(tag, BasicCancelOptions::default());
+        if let Err(e) = tokio::time::timeout_at(deadline, cancel)
+            .await
+            .unwrap_or(Ok(()))
+        {
+            log::warn!("could not cancel the consumer: {e}");
+        }
+        let abort = in_flight.as_ref().map(JoinHandle::abort_handle);
+        let pending = batch.len();
+        let committer = self.committer.clone();
+        let work = async move {
+            if let Some(task) = in_flight {
+                match task.await {
+                    Ok(Outcome::Committed) => {}
+                    Ok(other) => return end_of(other),
+                    Err(e) => return End::BrokerLost(format!("commit task failed: {e}")),
+                }
+            }
+            if batch.is_empty() {
+                return End::Shutdown;
+            }
+            match committer.commit(batch.into_parts()).await {
+                Outcome::Committed => End::Shutdown,
+                other => end_of(other),
+            }
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(End::Shutdown) => {
+                log::info!("flushed {pending} buffered messages before shutdown");
+                End::Shutdown
+            }
+            Ok(End::Fatal(e)) => End::Fatal(e),
+            Ok(other) => {
+                log::warn!(
+                    "could not flush before shutdown ({other:?}): unacknowledged messages return to the queue"
+                );
+                End::Shutdown
+            }
+            Err(_) => {
+                if let Some(abort) = abort {
+                    abort.abort();
+                }
+                log::warn!(
+                    "shutdown deadline reached before the buffered batch was stored: its messages stay in RabbitMQ and will be redelivered"
+                );
+                End::Shutdown
+            }
+        }
+    }
+
+    /// Asks the broker for the queue's depth, on a short-lived channel so that a
+    /// failure (queue deleted) cannot take the consuming channel down.
+    async fn refresh_queue_depth(&self) {
+        let probe = async {
+            let channel = self.connection.create_channel().await?;
+            let queue = channel
+                .queue_declare(
+                    ShortString::from(self.shared.config.queue.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let _ = channel.close(200, ShortString::from("probe done")).await;
+            queue
+        };
+        match tokio::time::timeout(Duration::from_secs(2), probe).await {
+            Ok(Ok(queue)) => {
+                self.shared
+                    .metrics
+                    .queue_depth
+                    .set(i64::from(queue.message_count()));
+            }
+            Ok(Err(e)) => log::debug!("could not read the queue depth: {e}"),
+            Err(_) => log::debug!("could not read the queue depth: no answer within 2s"),
+        }
+    }
+
+    /// Closes the channels and the connection; unacknowledged messages return to the
+    /// queue. Best effort: a dead connection is just dropped.
+    async fn close(self) {
+        let close = async {
+            let _ = self.consume.close(200, ShortString::from("bye")).await;
+            let _ = self.connection.close(200, ShortString::from("bye")).await;
+        };
+        if tokio::time::timeout(Duration::from_secs(1), close)
+            .await
+            .is_err()
+        {
+            log::debug!("closing the connection timed out");
+        }
+    }
+}
+
+fn end_of(outcome: Outcome) -> End {
+    match outcome {
+        Outcome::Committed => End::Shutdown,
+        Outcome::Released => End::ClickHouseDown,
+        Outcome::DeadLetterRefused => End::Redeclare,
+        Outcome::BrokerLost(e) => End::BrokerLost(e.to_string()),
+        Outcome::Fatal(e) => End::Fatal(e),
+    }
+}
+
+/// The outcome of the commit in flight; pending while there is none.
+async fn join(in_flight: &mut Option<JoinHandle<Outcome>>) -> Outcome {
+    match in_flight {
+        Some(task) => match task.await {
+            Ok(outcome) => outcome,
+            Err(e) => Outcome::BrokerLost(lapin::Error::from(std::io::Error::other(format!(
+                "commit task failed: {e}"
+            )))),
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// Sleeps until `deadline`; forever without one.
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,353 @@
+//! ClickHouse: the schema at start-up, and INSERTs of pre-encoded RowBinary batches.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use clickhouse::{Client, Row, error::Error as ChError};
+use serde::Deserialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::event::COLUMNS;
+
+/// The table DDL, shared with the documentation in `schema/`.
+const TABLE_DDL: &str = include_str!("../../schema/click_events.sql");
+
+/// Longest an INSERT may take before it counts as failed (and is retried).
+const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How ClickHouse failed an INSERT, which decides what the consumer does next.
+#[derive(Debug)]
+pub(crate) enum InsertFailure {
+    /// Down, overloaded, timing out: retry the same batch later.
+    Transient(ChError),
+    /// The data was refused: find the refused rows and dead-letter them.
+    Rejected(ChError),
+    /// Retrying cannot help (authentication, permissions, missing table): stop.
+    Fatal(ChError),
+}
+
+/// A cheap-to-clone handle on the ClickHouse table.
+#[derive(Clone)]
+pub(crate) struct Store {
+    client: Client,
+    url: String,
+    database: String,
+    table: String,
+    insert_sql: String,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("url", &crate::secret::redact_url(&self.url))
+            .field("table", &self.qualified_table())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Row, Deserialize)]
+struct Column {
+    name: String,
+    r#type: String,
+}
+
+impl Store {
+    pub(crate) fn new(config: &Config) -> Self {
+        let url = config.clickhouse_url();
+        // Schema validation runs `DESCRIBE` with a setting ClickHouse 18.16 refuses; we
+        // check the table ourselves at start-up instead (see `check_table`).
+        let client = Client::default()
+            .with_url(&url)
+            .with_user(&config.clickhouse_user)
+            .with_password(config.clickhouse_password.expose())
+            .with_validation(false);
+        let database = config.clickhouse_database.clone();
+        let table = config.clickhouse_table.clone();
+        let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
+        let insert_sql = format!(
+            "INSERT INTO {database}.{table} ({}) FORMAT RowBinary",
+            columns.join(", ")
+        );
+        Store {
+            client,
+            url,
+            database,
+            table,
+            insert_sql,
+        }
+    }
+
+    pub(crate) fn url(&self) -> &str {
+        &self.url
+    }
+
+    pub(crate) fn qualified_table(&self) -> String {
+        format!("{}.{}", self.database, self.table)
+    }
+
+    /// One cheap round trip.
+    pub(crate) async fn ping(&self) -> Result<(), ChError> {
+        self.client.query("SELECT 1").execute().await
+    }
+
+    /// The server's version, for the start-up log.
+    pub(crate) async fn version(&self) -> Result<String, ChError> {
+        self.client
+            .query("SELECT version()")
+            .fetch_one::<String>()
+            .await
+    }
+
+    /// Creates the database and the table when missing, then checks the table's columns.
+    ///
+    /// # Errors
+    /// [`Error::ClickHouse`] when a statement fails, [`Error::TableShape`] when the table
+    /// lacks a column or has one of another type.
+    pub(crate) async fn ensure_schema(&self) -> Result<()> {
+        let db = &self.database;
+        self.client
+            .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .execute()
+            .await
+            .map_err(|e| Error::clickhouse(format!("failed to create database `{db}`"), e))?;
+        self.client
+            .query(&self.table_ddl())
+            .execute()
+            .await
+            .map_err(|e| {
+                Error::clickhouse(
+                    format!("failed to create table `{}`", self.qualified_table()),
+                    e,
+                )
+            })?;
+        self.check_table().await
+    }
+
+    fn table_ddl(&self) -> String {
+        TABLE_DDL
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("--"))
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("{database}", &self.database)
+            .replace("{table}", &self.table)
+    }
+
+    /// Checks that every column the consumer writes exists with a compatible type.
+    ///
+    /// # Errors
+    /// [`Error::TableShape`] naming the first mismatch.
+    pub(crate) async fn check_table(&self) -> Result<()> {
+        let columns = self
+            .client
+            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+            .bind(&self.database)
+            .bind(&self.table)
+            .fetch_all::<Column>()
+            .await
+            .map_err(|e| {
+                Error::clickhouse(
+                    format!("failed to read the columns of `{}`", self.qualified_table()),
+                    e,
+                )
+            })?;
+        let shape_error = |problem: String| Error::TableShape {
+            table: self.qualified_table(),
+            problem,
+        };
+        if columns.is_empty() {
+            return Err(shape_error("the table does not exist".to_owned()));
+        }
+        for (name, wanted) in COLUMNS {
+            let Some(found) = columns.iter().find(|c| c.name == name) else {
+                return Err(shape_error(format!(
+                    "column `{name}` ({wanted}) is missing"
+                )));
+            };
+            if !type_accepts(wanted, &found.r#type) {
+                return Err(shape_error(format!(
+                    "column `{name}` is {}, expected {wanted}",
+                    found.r#type
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends one INSERT of pre-encoded rows. `Bytes` clones are free, so a retry re-sends
+    /// the same buffer.
+    pub(crate) async fn insert(&self, rows: Bytes) -> Result<(), InsertFailure> {
+        let mut insert = self
+            .client
+            .insert_formatted_with(self.insert_sql.clone())
+            .with_timeouts(Some(INSERT_TIMEOUT), Some(INSERT_TIMEOUT));
+        let result = match insert.send(rows).await {
+            Ok(()) => insert.end().await,
+            Err(e) => Err(e),
+        };
+        result.map_err(classify)
+    }
+}
+
+/// RowBinary writes a `String` the same way into `String` and `LowCardinality(String)`,
+/// and a `u32` into `DateTime` whatever its time zone.
+fn type_accepts(wanted: &str, found: &str) -> bool {
+    match wanted {
+        "String" => found == "String" || found == "LowCardinality(String)",
+        "DateTime" => found == "DateTime" || found.starts_with("DateTime('"),
+        _ => found == wanted,
+    }
+}
+
+/// ClickHouse error codes where retrying cannot help.
+const FATAL_CODES: &[u32] = &[
+    10,  // NOT_FOUND_COLUMN_IN_BLOCK
+    16,  // NO_SUCH_COLUMN_IN_TABLE
+    47,  // UNKNOWN_IDENTIFIER
+    60,  // UNKNOWN_TABLE
+    62,  // SYNTAX_ERROR
+    73,  // UNKNOWN_FORMAT
+    81,  // UNKNOWN_DATABASE
+    115, // UNKNOWN_SETTING
+    164, // READONLY
+    192, // UNKNOWN_USER
+    193, // WRONG_PASSWORD
+    194, // REQUIRED_PASSWORD
+    195, // IP_ADDRESS_NOT_ALLOWED
+    497, // ACCESS_DENIED
+    516, // AUTHENTICATION_FAILED
+];
+
+/// ClickHouse error codes that mean "this data is refused".
+const REJECTED_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+    321, // VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE
+    469, // VIOLATED_CONSTRAINT
+];
+
+/// How bad a ClickHouse error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Severity {
+    Transient,
+    Rejected,
+    Fatal,
+}
+
+pub(crate) fn severity(error: &ChError) -> Severity {
+    let code = match error {
+        ChError::BadResponse(text) => exception_code(text),
+        ChError::Network(_) | ChError::TimedOut => return Severity::Transient,
+        _ => return Severity::Fatal,
+    };
+    match code {
+        Some(code) if FATAL_CODES.contains(&code) => Severity::Fatal,
+        Some(code) if REJECTED_CODES.contains(&code) => Severity::Rejected,
+        // Everything else (TOO_MANY_PARTS, MEMORY_LIMIT_EXCEEDED, timeouts, a 5xx without
+        // a code, codes we do not know) is retried: never lose a batch on a guess.
+        _ => Severity::Transient,
+    }
+}
+
+pub(crate) fn classify(error: ChError) -> InsertFailure {
+    match severity(&error) {
+        Severity::Transient => InsertFailure::Transient(error),
+        Severity::Rejected => InsertFailure::Rejected(error),
+        Severity::Fatal => InsertFailure::Fatal(error),
+    }
+}
+
+/// The `Code: N` of a ClickHouse exception text.
+fn exception_code(text: &str) -> Option<u32> {
+    let start = text.find("Code: ")? + "Code: ".len();
+    let digits: String = text[start..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kind(text: &str) -> &'static str {
+        match classify(ChError::BadResponse(text.to_owned())) {
+            InsertFailure::Transient(_) => "transient",
+            InsertFailure::Rejected(_) => "rejected",
+            InsertFailure::Fatal(_) => "fatal",
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_by_code() {
+        assert_eq!(
+            kind("Code: 60. DB::Exception: Table db.t doesn't exist"),
+            "fatal"
+        );
+        assert_eq!(
+            kind("Code: 516. DB::Exception: default: Authentication failed"),
+            "fatal"
+        );
+        assert_eq!(
+            kind("Code: 252. DB::Exception: Too many parts (300)"),
+            "transient"
+        );
+        assert_eq!(
+            kind("Code: 241. DB::Exception: Memory limit exceeded"),
+            "transient"
+        );
+        assert_eq!(
+            kind("Code: 33. DB::Exception: Cannot read all data"),
+            "rejected"
+        );
+        assert_eq!(
+            kind("Code: 469. DB::Exception: Constraint `c` violated"),
+            "rejected"
+        );
+        assert_eq!(kind("503 Service Unavailable"), "transient");
+        assert!(matches!(
+            classify(ChError::TimedOut),
+            InsertFailure::Transient(_)
+        ));
+    }
+
+    #[test]
+    fn compatible_column_types() {
+        assert!(type_accepts("String", "LowCardinality(String)"));
+        assert!(type_accepts("DateTime", "DateTime('UTC')"));
+        assert!(!type_accepts("DateTime", "DateTime64(3)"));
+        assert!(!type_accepts("String", "Nullable(String)"));
+        assert!(!type_accepts("DateTime", "UInt32"));
+    }
+
+    #[test]
+    fn ddl_uses_the_configured_names() {
+        let store = Store::new(
+            &Config::default()
+                .with_clickhouse_database("db1")
+                .with_clickhouse_table("t1"),
+        );
+        let ddl = store.table_ddl();
+        assert!(
+            ddl.starts_with("CREATE TABLE IF NOT EXISTS db1.t1"),
+            "{ddl}"
+        );
+        assert!(ddl.contains("ENGINE = MergeTree()"), "{ddl}");
+        assert!(!ddl.contains("--"), "comments are stripped: {ddl}");
+        assert_eq!(
+            store.insert_sql,
+            "INSERT INTO db1.t1 (short_code, timestamp, user_agent, ip_address, referrer, original_url) FORMAT RowBinary"
+        );
+    }
+}

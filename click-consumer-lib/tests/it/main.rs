@@ -1,0 +1,9 @@
+//! Integration tests against real RabbitMQ and ClickHouse servers, started once for this
+//! test binary by `click-consumer-testkit` (install them with
+//! `scripts/install-services.sh`). Every test uses its own exchange, queue and database.
+
+mod common;
+mod consume;
+mod faults;
+mod publisher;
+mod topology;
