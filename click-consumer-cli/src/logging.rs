@@ -1,0 +1,68 @@
+//! `LOG_LEVEL` (Rust or Python level names) into an `env_logger` filter.
+
+use log::LevelFilter;
+
+/// Reads a level name: `trace`, `debug`, `info`, `warn`/`warning`, `error`, `critical`
+/// (Python's, logged as error), `off`; any case.
+pub(crate) fn parse_level(name: &str) -> Option<LevelFilter> {
+    Some(match name.trim().to_ascii_lowercase().as_str() {
+        "trace" => LevelFilter::Trace,
+        "debug" => LevelFilter::Debug,
+        "info" => LevelFilter::Info,
+        "warn" | "warning" => LevelFilter::Warn,
+        "error" | "critical" | "fatal" => LevelFilter::Error,
+        "off" | "none" => LevelFilter::Off,
+        _ => return None,
+    })
+}
+
+/// Installs the logger: our crates at `level`, the protocol libraries at most at `info`
+/// (their debug output is per frame), then `RUST_LOG`'s filters on top.
+pub(crate) fn init(level: &str) -> anyhow::Result<()> {
+    let Some(level) = parse_level(level) else {
+        anyhow::bail!(
+            "invalid setting LOG_LEVEL: expected debug, info, warning, error or critical, got `{level}`"
+        );
+    };
+    let mut builder = env_logger::Builder::new();
+    builder.filter_level(level);
+    for noisy in [
+        "lapin",
+        "amq_protocol",
+        "hyper",
+        "hyper_util",
+        "rustls",
+        "h2",
+    ] {
+        builder.filter_module(noisy, level.min(LevelFilter::Info));
+    }
+    if let Ok(filters) = std::env::var("RUST_LOG") {
+        builder.parse_filters(&filters);
+    }
+    builder.format_timestamp_millis().init();
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_and_rust_names() {
+        let cases = [
+            ("DEBUG", LevelFilter::Debug),
+            ("debug", LevelFilter::Debug),
+            ("INFO", LevelFilter::Info),
+            ("WARNING", LevelFilter::Warn),
+            ("warn", LevelFilter::Warn),
+            ("ERROR", LevelFilter::Error),
+            ("CRITICAL", LevelFilter::Error),
+            ("Trace", LevelFilter::Trace),
+            (" off ", LevelFilter::Off),
+        ];
+        for (name, level) in cases {
+            assert_eq!(parse_level(name), Some(level), "{name}");
+        }
+        assert_eq!(parse_level("verbose"), None);
+    }
+}

@@ -1,0 +1,88 @@
+//! `click-consumer`: the service binary. Reads settings, installs the logger, wires
+//! SIGTERM/SIGINT to the consumer's shutdown, runs the library, maps the result to an
+//! exit code (0 done, 1 failed, 2 bad setting).
+
+mod args;
+mod demo;
+mod logging;
+mod serve;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use click_consumer::Consumer;
+use futures_util::StreamExt;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use tokio_util::sync::CancellationToken;
+
+use crate::args::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(e) = logging::init(&cli.log_level) {
+        eprintln!("click-consumer: {e:#}");
+        return ExitCode::from(2);
+    }
+    let result = match &cli.command {
+        Some(Command::Healthcheck) => serve::healthcheck(&cli.metrics_addr),
+        _ => tokio::runtime::Runtime::new()
+            .context("cannot start the async runtime")
+            .and_then(|runtime| runtime.block_on(run(cli))),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("click-consumer: error: {e:#}");
+            let bad_setting = matches!(
+                e.downcast_ref::<click_consumer::Error>(),
+                Some(click_consumer::Error::InvalidSetting { .. })
+            ) || format!("{e}").starts_with("invalid setting");
+            ExitCode::from(if bad_setting { 2 } else { 1 })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.settings.config()?;
+    let stop = CancellationToken::new();
+    tokio::spawn(forward_signals(stop.clone()));
+    if let Some(Command::PublishDemo { rate, count }) = cli.command {
+        return demo::run(config, rate, count, stop).await;
+    }
+    let metrics_addr = serve::parse_addr(&cli.metrics_addr)?;
+    let consumer = Consumer::new(config)?;
+    if let Some(addr) = metrics_addr {
+        serve::spawn(addr, consumer.metrics()).await?;
+    }
+    consumer.run(stop.cancelled()).await?;
+    Ok(())
+}
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once
+/// (unacknowledged messages return to the queue).
+async fn forward_signals(stop: CancellationToken) {
+    let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
+        Ok(signals) => signals,
+        Err(e) => {
+            log::error!("cannot install signal handlers: {e}");
+            return;
+        }
+    };
+    if let Some(signal) = signals.next().await {
+        log::info!("received {}, shutting down", signal_name(signal));
+        stop.cancel();
+    }
+    if let Some(signal) = signals.next().await {
+        log::warn!("received {} again, exiting now", signal_name(signal));
+        std::process::exit(130);
+    }
+}
+
+fn signal_name(signal: i32) -> &'static str {
+    if signal == SIGTERM {
+        "SIGTERM"
+    } else {
+        "SIGINT"
+    }
+}

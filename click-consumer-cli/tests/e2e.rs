@@ -1,0 +1,331 @@
+//! End to end through the real `click-consumer` binary against real RabbitMQ and
+//! ClickHouse: publish thousands of clicks mixed with bad messages, SIGTERM mid-stream,
+//! restart, and count every row, dead letter and queued message.
+
+use std::{
+    net::TcpListener,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use click_consumer::{ClickEvent, ClickPublisher, Config};
+use click_consumer_testkit::{shared, unique_name};
+
+const VALID: usize = 4000;
+const BAD_EVERY: usize = 20; // 5% of the stream is poison
+
+struct Setup {
+    exchange: String,
+    queue: String,
+    database: String,
+    metrics_port: u16,
+}
+
+impl Setup {
+    fn new() -> Self {
+        Setup {
+            exchange: unique_name("e2e_ex"),
+            queue: unique_name("e2e_q"),
+            database: unique_name("e2e_db"),
+            metrics_port: TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port(),
+        }
+    }
+
+    fn config(&self) -> Config {
+        Config::default()
+            .with_rabbitmq_url(shared().rabbitmq.amqp_url())
+            .with_exchange(&self.exchange)
+            .with_queue(&self.queue)
+    }
+
+    /// Starts the binary with the Python service's variables.
+    fn spawn(&self) -> Service {
+        let clickhouse = &shared().clickhouse;
+        Command::new(env!("CARGO_BIN_EXE_click-consumer"))
+            .env_clear()
+            .env(
+                "RABBITMQ_URL",
+                shared().rabbitmq.amqp_url().replace("/%2f", "/"),
+            )
+            .env("RABBITMQ_EXCHANGE", &self.exchange)
+            .env("RABBITMQ_QUEUE", &self.queue)
+            .env("CLICKHOUSE_HOST", "127.0.0.1")
+            .env("CLICKHOUSE_PORT", clickhouse.http_port().to_string())
+            .env("CLICKHOUSE_DATABASE", &self.database)
+            .env("CLICKHOUSE_USER", "default")
+            .env("CLICKHOUSE_PASSWORD", "")
+            .env("LOG_LEVEL", "INFO")
+            .env("BATCH_SIZE", "500")
+            .env("BATCH_TIMEOUT_MS", "200")
+            .env("METRICS_ADDR", format!("127.0.0.1:{}", self.metrics_port))
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map(Service)
+            .expect("the click-consumer binary starts")
+    }
+
+    fn rows(&self) -> (u64, u64) {
+        let exists = shared().clickhouse.query(&format!(
+            "SELECT count() FROM system.tables WHERE database = '{}' AND name = 'click_events'",
+            self.database
+        ));
+        if exists.trim() == "0" {
+            return (0, 0); // the consumer has not created it yet
+        }
+        let out = shared().clickhouse.query(&format!(
+            "SELECT count(), uniqExact(short_code) FROM {}.click_events",
+            self.database
+        ));
+        let mut fields = out.split_whitespace().map(|f| f.parse::<u64>().unwrap());
+        (fields.next().unwrap(), fields.next().unwrap())
+    }
+
+    fn queue(&self, name: &str) -> (u64, u64) {
+        let out = shared().rabbitmq.ctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        out.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 3 && f[0] == name)
+            .map(|f| (f[1].parse().unwrap(), f[2].parse().unwrap()))
+            .unwrap_or_else(|| panic!("queue {name} not found in\n{out}"))
+    }
+
+    fn metric(&self, name: &str) -> u64 {
+        let body = http_get(self.metrics_port, "/metrics");
+        body.lines()
+            .filter(|line| line.starts_with(name))
+            .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
+            .sum()
+    }
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    stream.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The running binary; killed if the test fails before it exits.
+struct Service(Child);
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+fn sigterm(service: &Service) {
+    let child = &service.0;
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+fn wait_exit(service: &mut Service, limit: Duration) -> ExitStatus {
+    let child = &mut service.0;
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "click-consumer did not exit within {limit:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !check() {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The stream: valid clicks with distinct short codes, every 20th message poison.
+fn stream() -> Vec<Vec<u8>> {
+    let poison: [&[u8]; 5] = [
+        b"not json at all",
+        br#"{"short_code":"","timestamp":"2024-01-15T10:30:00Z"}"#,
+        br#"{"short_code":"x","timestamp":"31/12/2024"}"#,
+        br#"[1,2,3]"#,
+        b"\xc3\x28 invalid utf-8",
+    ];
+    let mut messages = Vec::new();
+    let mut valid = 0;
+    while valid < VALID {
+        if messages.len() % BAD_EVERY == BAD_EVERY - 1 {
+            messages.push(poison[messages.len() / BAD_EVERY % poison.len()].to_vec());
+        } else {
+            let event = ClickEvent::new(format!("e2e{valid:05}"), "2024-01-15T10:30:00+01:00")
+                .with_user_agent("e2e-agent")
+                .with_original_url(format!("https://example.com/{valid}"));
+            messages.push(serde_json::to_vec(&event).unwrap());
+            valid += 1;
+        }
+    }
+    messages
+}
+
+#[test]
+fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
+    let setup = Setup::new();
+    let messages = stream();
+    let bad = messages.len() - VALID;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let publisher = runtime
+        .block_on(ClickPublisher::connect(&setup.config()))
+        .unwrap();
+
+    let mut child = setup.spawn();
+    // Publish at about 2,000 messages/s in the background; SIGTERM lands mid-stream.
+    let publishing = {
+        let publisher = publisher.clone();
+        let messages = messages.clone();
+        let handle = runtime.handle().clone();
+        std::thread::spawn(move || {
+            for chunk in messages.chunks(100) {
+                handle.block_on(async {
+                    for body in chunk {
+                        publisher.publish_bytes(body).await.unwrap();
+                    }
+                });
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        })
+    };
+    wait_until("a first thousand rows", Duration::from_secs(30), || {
+        setup.rows().0 >= 1000
+    });
+    let term_at = Instant::now();
+    sigterm(&child);
+    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let shutdown = term_at.elapsed();
+    assert!(status.success(), "SIGTERM exits 0, got {status}");
+    assert!(
+        !publishing.is_finished(),
+        "the stream was still running at SIGTERM"
+    );
+    publishing.join().expect("publishing thread");
+
+    let (stored, distinct) = setup.rows();
+    assert_eq!(stored, distinct, "no row stored twice");
+    let (dead, _) = setup.queue(&format!("{}.dead-letter", setup.queue));
+    let (ready, unacked) = setup.queue(&setup.queue);
+    assert_eq!(unacked, 0, "nothing stays unacknowledged after exit");
+    assert_eq!(
+        stored + dead + ready,
+        messages.len() as u64,
+        "every message is a row, a dead letter, or still queued (stored {stored}, dead {dead}, queued {ready})"
+    );
+    eprintln!(
+        "first run: {stored} rows stored, {dead} dead-lettered, {ready} left queued; SIGTERM to exit took {shutdown:?}"
+    );
+
+    // A second run drains the rest; its metrics match what it did.
+    let mut child = setup.spawn();
+    wait_until("all rows", Duration::from_secs(60), || {
+        setup.rows().0 == VALID as u64
+    });
+    wait_until("the queue to drain", Duration::from_secs(30), || {
+        setup.queue(&setup.queue) == (0, 0)
+    });
+    let received = setup.metric("click_consumer_messages_received_total");
+    let inserted = setup.metric("click_consumer_rows_inserted_total");
+    let dead_lettered = setup.metric("click_consumer_messages_dead_lettered_total");
+    assert_eq!(received, ready, "the second run received what was queued");
+    assert_eq!(
+        inserted,
+        VALID as u64 - stored,
+        "rows_inserted_total counts this run's rows"
+    );
+    assert_eq!(
+        dead_lettered,
+        bad as u64 - dead,
+        "dead-lettered total counts this run's poison"
+    );
+    assert!(http_get(setup.metrics_port, "/ready").starts_with("HTTP/1.1 200"));
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+
+    let (stored, distinct) = setup.rows();
+    assert_eq!(
+        (stored, distinct),
+        (VALID as u64, VALID as u64),
+        "every valid event exactly once"
+    );
+    let (dead, _) = setup.queue(&format!("{}.dead-letter", setup.queue));
+    assert_eq!(dead, bad as u64, "every poison message dead-lettered");
+    assert_eq!(setup.queue(&setup.queue), (0, 0));
+    let timestamp = shared().clickhouse.query(&format!(
+        "SELECT toUnixTimestamp(timestamp) FROM {}.click_events WHERE short_code = 'e2e00000'",
+        setup.database
+    ));
+    assert_eq!(timestamp.trim(), "1705311000", "+01:00 converted to UTC");
+    eprintln!("after restart: {stored} rows, {dead} dead letters, queue empty");
+}
+
+#[test]
+fn a_bad_setting_exits_2_with_one_line_naming_it() {
+    let output = Command::new(env!("CARGO_BIN_EXE_click-consumer"))
+        .env_clear()
+        .env("BATCH_SIZE", "lots")
+        .env("METRICS_ADDR", "off")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("invalid setting BATCH_SIZE"), "{stderr}");
+}
+
+#[test]
+fn unreachable_servers_exit_1_after_the_start_up_window() {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let started = Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_click-consumer"))
+        .env_clear()
+        .env("CLICKHOUSE_PORT", closed.to_string())
+        .env("CLICKHOUSE_HOST", "127.0.0.1")
+        .env("STARTUP_TIMEOUT_MS", "1000")
+        .env("METRICS_ADDR", "off")
+        .env("LOG_LEVEL", "error")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.contains("cannot reach ClickHouse at http://127.0.0.1:"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+}
