@@ -97,6 +97,11 @@ impl Batch {
         self.opened_at.map(|at| at + timeout)
     }
 
+    /// Takes the dead letters out of a batch that will not be committed.
+    pub(crate) fn take_dead_letters(&mut self) -> Vec<PendingDeadLetter> {
+        std::mem::take(&mut self.dead_letters)
+    }
+
     /// Splits the batch into what the committer needs.
     pub(crate) fn into_parts(self) -> BatchParts {
         BatchParts {

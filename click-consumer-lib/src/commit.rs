@@ -274,26 +274,36 @@ impl Committer {
         Outcome::DeadLetterRefused
     }
 
+    /// Acknowledges, one by one, the originals of the dead letters the broker confirmed,
+    /// for messages whose batch will not be committed: their copies are safe, so they
+    /// must not come back and be dead-lettered twice. Returns how many were acked.
+    pub(crate) async fn settle_dead_letters(
+        &self,
+        pending: Vec<PendingDeadLetter>,
+    ) -> Result<usize, lapin::Error> {
+        let mut acked = 0;
+        for dead_letter in pending {
+            let tag = dead_letter.delivery_tag;
+            if let Ok(true) = dead_letter::confirmed(dead_letter).await {
+                self.consume
+                    .basic_ack(tag, BasicAckOptions::default())
+                    .await?;
+                acked += 1;
+            }
+        }
+        self.metrics.unacked.dec_by(acked as i64);
+        Ok(acked)
+    }
+
     /// Hands a batch back to the queue after a long ClickHouse outage. Dead letters that
     /// are confirmed are acknowledged first so they are not dead-lettered twice.
-    async fn release(self, batch: BatchParts) -> Outcome {
-        let mut dead_letter_tags = Vec::new();
+    async fn release(self, mut batch: BatchParts) -> Outcome {
         let dead_letters = batch.dead_letters.len();
-        for pending in batch.dead_letters {
-            let tag = pending.delivery_tag;
-            if let Ok(true) = dead_letter::confirmed(pending).await {
-                dead_letter_tags.push(tag);
-            }
-        }
-        for tag in &dead_letter_tags {
-            if let Err(e) = self
-                .consume
-                .basic_ack(*tag, BasicAckOptions::default())
-                .await
-            {
-                return Outcome::BrokerLost(e);
-            }
-        }
+        let pending = std::mem::take(&mut batch.dead_letters);
+        let settled = match self.settle_dead_letters(pending).await {
+            Ok(settled) => settled,
+            Err(e) => return Outcome::BrokerLost(e),
+        };
         let requeue = BasicNackOptions {
             multiple: true,
             requeue: true,
@@ -303,9 +313,11 @@ impl Committer {
         {
             return Outcome::BrokerLost(e);
         }
-        let released = batch.deliveries.len() + dead_letters - dead_letter_tags.len();
+        let released = batch.deliveries.len() + dead_letters - settled;
         self.metrics.released.inc_by(released as u64);
-        self.metrics.unacked.dec_by(batch.messages as i64);
+        self.metrics
+            .unacked
+            .dec_by((batch.messages - settled) as i64);
         Outcome::Released
     }
 }

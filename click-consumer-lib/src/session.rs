@@ -190,7 +190,9 @@ impl Session {
             let flush_timer = deadline.filter(|_| in_flight.is_none());
             tokio::select! {
                 biased;
-                () = stop.cancelled() => break self.drain(batch, in_flight.take()).await,
+                () = stop.cancelled() => {
+                    break self.drain(std::mem::take(&mut batch), in_flight.take()).await;
+                }
                 outcome = join(&mut in_flight) => {
                     in_flight = None;
                     match outcome {
@@ -219,8 +221,29 @@ impl Session {
         if let Some(task) = in_flight {
             task.abort();
         }
+        self.settle_dead_letters(&mut batch).await;
         self.close().await;
         end
+    }
+
+    /// The batch being filled will not be committed: its messages return to the queue
+    /// when the channel closes, except the dead letters whose copies are confirmed,
+    /// which are acknowledged so they are not dead-lettered twice.
+    async fn settle_dead_letters(&self, batch: &mut Batch) {
+        let pending = batch.take_dead_letters();
+        if pending.is_empty() {
+            return;
+        }
+        let settle = self.committer.settle_dead_letters(pending);
+        match tokio::time::timeout(Duration::from_secs(2), settle).await {
+            Ok(Ok(acked)) => {
+                log::debug!("acknowledged {acked} confirmed dead letters of the unflushed batch")
+            }
+            Ok(Err(e)) => {
+                log::debug!("could not acknowledge the unflushed batch's dead letters: {e}")
+            }
+            Err(_) => log::debug!("acknowledging the unflushed batch's dead letters timed out"),
+        }
     }
 
     /// Decodes one delivery into the batch, or dead-letters it.
