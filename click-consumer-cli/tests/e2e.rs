@@ -2,170 +2,20 @@
 //! ClickHouse: publish thousands of clicks mixed with bad messages, SIGTERM mid-stream,
 //! restart, and count every row, dead letter and queued message.
 
+mod support;
+
 use std::{
     net::TcpListener,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
-use click_consumer::{ClickEvent, ClickPublisher, Config};
-use click_consumer_testkit::{shared, unique_name};
+use click_consumer::ClickEvent;
+use click_consumer_testkit::shared;
+use support::{Stack, http_get, wait_until};
 
 const VALID: usize = 4000;
 const BAD_EVERY: usize = 20; // 5% of the stream is poison
-
-struct Setup {
-    exchange: String,
-    queue: String,
-    database: String,
-    metrics_port: u16,
-}
-
-impl Setup {
-    fn new() -> Self {
-        Setup {
-            exchange: unique_name("e2e_ex"),
-            queue: unique_name("e2e_q"),
-            database: unique_name("e2e_db"),
-            metrics_port: TcpListener::bind("127.0.0.1:0")
-                .unwrap()
-                .local_addr()
-                .unwrap()
-                .port(),
-        }
-    }
-
-    fn config(&self) -> Config {
-        Config::default()
-            .with_rabbitmq_url(shared().rabbitmq.amqp_url())
-            .with_exchange(&self.exchange)
-            .with_queue(&self.queue)
-    }
-
-    /// Starts the binary with the Python service's variables.
-    fn spawn(&self) -> Service {
-        let clickhouse = &shared().clickhouse;
-        Command::new(env!("CARGO_BIN_EXE_click-consumer"))
-            .env_clear()
-            .env(
-                "RABBITMQ_URL",
-                shared().rabbitmq.amqp_url().replace("/%2f", "/"),
-            )
-            .env("RABBITMQ_EXCHANGE", &self.exchange)
-            .env("RABBITMQ_QUEUE", &self.queue)
-            .env("CLICKHOUSE_HOST", "127.0.0.1")
-            .env("CLICKHOUSE_PORT", clickhouse.http_port().to_string())
-            .env("CLICKHOUSE_DATABASE", &self.database)
-            .env("CLICKHOUSE_USER", "default")
-            .env("CLICKHOUSE_PASSWORD", "")
-            .env("LOG_LEVEL", "INFO")
-            .env("BATCH_SIZE", "500")
-            .env("BATCH_TIMEOUT_MS", "200")
-            .env("METRICS_ADDR", format!("127.0.0.1:{}", self.metrics_port))
-            .stdout(Stdio::inherit())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map(Service)
-            .expect("the click-consumer binary starts")
-    }
-
-    fn rows(&self) -> (u64, u64) {
-        let exists = shared().clickhouse.query(&format!(
-            "SELECT count() FROM system.tables WHERE database = '{}' AND name = 'click_events'",
-            self.database
-        ));
-        if exists.trim() == "0" {
-            return (0, 0); // the consumer has not created it yet
-        }
-        let out = shared().clickhouse.query(&format!(
-            "SELECT count(), uniqExact(short_code) FROM {}.click_events",
-            self.database
-        ));
-        let mut fields = out.split_whitespace().map(|f| f.parse::<u64>().unwrap());
-        (fields.next().unwrap(), fields.next().unwrap())
-    }
-
-    fn queue(&self, name: &str) -> (u64, u64) {
-        let out = shared().rabbitmq.ctl(&[
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ]);
-        out.lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() == 3 && f[0] == name)
-            .map(|f| (f[1].parse().unwrap(), f[2].parse().unwrap()))
-            .unwrap_or_else(|| panic!("queue {name} not found in\n{out}"))
-    }
-
-    fn metric(&self, name: &str) -> u64 {
-        let body = http_get(self.metrics_port, "/metrics");
-        body.lines()
-            .filter(|line| line.starts_with(name))
-            .map(|line| line.rsplit(' ').next().unwrap().parse::<f64>().unwrap() as u64)
-            .sum()
-    }
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("metrics listener");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    stream.read_to_string(&mut out).unwrap();
-    out
-}
-
-/// The running binary; killed if the test fails before it exits.
-struct Service(Child);
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
-fn sigterm(service: &Service) {
-    let child = &service.0;
-    let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
-fn wait_exit(service: &mut Service, limit: Duration) -> ExitStatus {
-    let child = &mut service.0;
-    let started = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return status;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "click-consumer did not exit within {limit:?}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn wait_until(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !check() {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// The stream: valid clicks with distinct short codes, every 20th message poison.
 fn stream() -> Vec<Vec<u8>> {
@@ -194,15 +44,14 @@ fn stream() -> Vec<Vec<u8>> {
 
 #[test]
 fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
-    let setup = Setup::new();
+    let servers = shared();
+    let setup = Stack::new(&servers.rabbitmq, &servers.clickhouse, "e2e");
     let messages = stream();
     let bad = messages.len() - VALID;
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let publisher = runtime
-        .block_on(ClickPublisher::connect(&setup.config()))
-        .unwrap();
+    let publisher = setup.publisher(&runtime);
 
-    let mut child = setup.spawn();
+    let mut child = setup.spawn(&[]);
     // Publish at about 2,000 messages/s in the background; SIGTERM lands mid-stream.
     let publishing = {
         let publisher = publisher.clone();
@@ -223,8 +72,7 @@ fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
         setup.rows().0 >= 1000
     });
     let term_at = Instant::now();
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(10));
+    let status = child.stop();
     let shutdown = term_at.elapsed();
     assert!(status.success(), "SIGTERM exits 0, got {status}");
     assert!(
@@ -235,8 +83,8 @@ fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
 
     let (stored, distinct) = setup.rows();
     assert_eq!(stored, distinct, "no row stored twice");
-    let (dead, _) = setup.queue(&format!("{}.dead-letter", setup.queue));
-    let (ready, unacked) = setup.queue(&setup.queue);
+    let (dead, _) = setup.queue_counts(&setup.dead_letter_queue()).unwrap();
+    let (ready, unacked) = setup.queue();
     assert_eq!(unacked, 0, "nothing stays unacknowledged after exit");
     assert_eq!(
         stored + dead + ready,
@@ -248,12 +96,12 @@ fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
     );
 
     // A second run drains the rest; its metrics match what it did.
-    let mut child = setup.spawn();
+    let mut child = setup.spawn(&[]);
     wait_until("all rows", Duration::from_secs(60), || {
         setup.rows().0 == VALID as u64
     });
     wait_until("the queue to drain", Duration::from_secs(30), || {
-        setup.queue(&setup.queue) == (0, 0)
+        setup.queue() == (0, 0)
     });
     let received = setup.metric("click_consumer_messages_received_total");
     let inserted = setup.metric("click_consumer_rows_inserted_total");
@@ -270,8 +118,7 @@ fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
         "dead-lettered total counts this run's poison"
     );
     assert!(http_get(setup.metrics_port, "/ready").starts_with("HTTP/1.1 200"));
-    sigterm(&child);
-    assert!(wait_exit(&mut child, Duration::from_secs(10)).success());
+    assert!(child.stop().success());
 
     let (stored, distinct) = setup.rows();
     assert_eq!(
@@ -279,10 +126,10 @@ fn sigterm_mid_stream_loses_nothing_and_a_restart_drains_the_rest() {
         (VALID as u64, VALID as u64),
         "every valid event exactly once"
     );
-    let (dead, _) = setup.queue(&format!("{}.dead-letter", setup.queue));
+    let (dead, _) = setup.queue_counts(&setup.dead_letter_queue()).unwrap();
     assert_eq!(dead, bad as u64, "every poison message dead-lettered");
-    assert_eq!(setup.queue(&setup.queue), (0, 0));
-    let timestamp = shared().clickhouse.query(&format!(
+    assert_eq!(setup.queue(), (0, 0));
+    let timestamp = servers.clickhouse.query(&format!(
         "SELECT toUnixTimestamp(timestamp) FROM {}.click_events WHERE short_code = 'e2e00000'",
         setup.database
     ));
