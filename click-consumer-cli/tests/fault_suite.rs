@@ -434,7 +434,8 @@ fn queue_deleted() -> Counts {
 }
 
 fn main() -> ExitCode {
-    let scenarios: [(&str, fn() -> Counts); 7] = [
+    type Scenario = (&'static str, fn() -> Counts);
+    let scenarios: [Scenario; 7] = [
         ("clickhouse_stopped_10s", clickhouse_stopped_10s),
         ("clickhouse_killed_mid_insert", clickhouse_killed_mid_insert),
         (
