@@ -20,6 +20,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 const PORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 const QUERY_TIMEOUT: Duration = Duration::from_secs(120);
+/// Boots tried before giving up. A server that exits during start-up has most likely
+/// lost a port: to another process between choosing and binding it (start picks
+/// fresh ports then), or to its own previous run not yet gone (restart).
 const ATTEMPTS: u32 = 3;
 
 /// A private `clickhouse-server` on free loopback ports, with its configuration,
@@ -50,8 +53,9 @@ impl ClickHouse {
             let server = ClickHouse::prepare(binary.clone());
             match server.boot() {
                 Ok(()) => return server,
-                // Most likely a port was taken between choosing and binding it.
-                Err(BootFailure::Exited(_)) if attempt < ATTEMPTS => continue,
+                Err(failure @ BootFailure::Exited(_)) if attempt < ATTEMPTS => {
+                    eprintln!("testkit: ClickHouse start: {failure}; retrying on fresh ports");
+                }
                 Err(failure) => server.fail("start", &failure),
             }
         }
@@ -99,7 +103,10 @@ impl ClickHouse {
         for attempt in 1..=ATTEMPTS {
             match self.boot() {
                 Ok(()) => return,
-                Err(BootFailure::Exited(_)) if attempt < ATTEMPTS => continue,
+                Err(failure @ BootFailure::Exited(_)) if attempt < ATTEMPTS => {
+                    eprintln!("testkit: ClickHouse restart: {failure}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
                 Err(failure) => self.fail("restart", &failure),
             }
         }

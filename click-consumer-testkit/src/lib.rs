@@ -5,8 +5,8 @@
 //! test runs never share state with each other or with a system-wide service:
 //!
 //! * [`RabbitMq`]: RabbitMQ 3.10 (Debian's package) with a private epmd; ready in
-//!   about 2.5-3.5 s.
-//! * [`ClickHouse`]: `clickhouse-server` (18.16 from Debian); ready in about 0.2 s.
+//!   about 3-4 s on 2 cores.
+//! * [`ClickHouse`]: `clickhouse-server` (18.16 from Debian); ready in about 0.15 s.
 //! * [`shared`]: one of each per test process, started on first use, in parallel.
 //!
 //! The servers die with the test process however it ends (normal exit, panic,
@@ -33,6 +33,7 @@ mod janitor;
 mod ports;
 mod process;
 mod rabbitmq;
+mod rabbitmq_home;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -16,12 +16,16 @@ use crate::process::{
     BootFailure, INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied,
     wait_for, wait_ready,
 };
+use crate::rabbitmq_home;
 
 const RABBITMQ_LIB: &str = "/usr/lib/rabbitmq/lib";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 const EPMD_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_GRACE: Duration = Duration::from_secs(15);
 const PORT_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Boots tried before giving up. A server that exits during start-up has most likely
+/// lost a port: to another process between choosing and binding it (start picks
+/// fresh ports then), or to its own previous run not yet gone (restart).
 const ATTEMPTS: u32 = 3;
 /// AMQP 0-9-1 protocol header; the broker answers with connection.start (frame type 1).
 const AMQP_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
@@ -29,6 +33,7 @@ const AMQP_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
 /// The installed broker's scripts and Erlang's epmd.
 #[derive(Debug, Clone)]
 struct Install {
+    sbin: PathBuf,
     server: PathBuf,
     ctl: PathBuf,
     epmd: PathBuf,
@@ -48,6 +53,7 @@ impl Install {
         Install {
             server: sbin.join("rabbitmq-server"),
             ctl: sbin.join("rabbitmqctl"),
+            sbin,
             epmd,
         }
     }
@@ -78,6 +84,8 @@ fn rabbitmq_sbin() -> Option<PathBuf> {
 pub struct RabbitMq {
     dir: TempDir,
     install: Install,
+    /// `RABBITMQ_SCRIPTS_DIR` and `RABBITMQ_PLUGINS_DIR` of the slim private home.
+    home: Option<(PathBuf, PathBuf)>,
     node: String,
     amqp_port: u16,
     dist_port: u16,
@@ -99,8 +107,9 @@ impl RabbitMq {
             let broker = RabbitMq::prepare(install.clone());
             match broker.boot() {
                 Ok(()) => return broker,
-                // Most likely a port was taken between choosing and binding it.
-                Err(BootFailure::Exited(_)) if attempt < ATTEMPTS => continue,
+                Err(failure @ BootFailure::Exited(_)) if attempt < ATTEMPTS => {
+                    eprintln!("testkit: RabbitMQ start: {failure}; retrying on fresh ports");
+                }
                 Err(failure) => broker.fail("start", &failure),
             }
         }
@@ -154,7 +163,10 @@ impl RabbitMq {
         for attempt in 1..=ATTEMPTS {
             match self.boot_broker() {
                 Ok(()) => return,
-                Err(BootFailure::Exited(_)) if attempt < ATTEMPTS => continue,
+                Err(failure @ BootFailure::Exited(_)) if attempt < ATTEMPTS => {
+                    eprintln!("testkit: RabbitMQ restart: {failure}; retrying");
+                    std::thread::sleep(Duration::from_millis(200));
+                }
                 Err(failure) => self.fail("restart", &failure),
             }
         }
@@ -200,9 +212,11 @@ impl RabbitMq {
             .unwrap_or_else(|err| panic!("cannot create a temp dir for RabbitMQ: {err}"));
         janitor::remove_after_exit(dir.path());
         let [amqp_port, dist_port, epmd_port] = free_ports();
+        let home = slim_home(&install, dir.path());
         let broker = RabbitMq {
             dir,
             install,
+            home,
             node: format!("rabbit-testkit-{amqp_port}@localhost"),
             amqp_port,
             dist_port,
@@ -262,16 +276,17 @@ impl RabbitMq {
             .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
             .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
             .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"));
+        if let Some((scripts, plugins)) = &self.home {
+            cmd.env("RABBITMQ_SCRIPTS_DIR", scripts)
+                .env("RABBITMQ_PLUGINS_DIR", plugins);
+        }
+        cmd
     }
 
     fn boot(&self) -> Result<(), BootFailure> {
-        let t = std::time::Instant::now();
         self.start_epmd();
-        eprintln!("DBG epmd up {:?}", t.elapsed());
-        let r = self.boot_broker();
-        eprintln!("DBG broker up {:?}", t.elapsed());
-        r
+        self.boot_broker()
     }
 
     /// A private epmd, so the node does not start a shared one that outlives it.
@@ -340,6 +355,21 @@ impl RabbitMq {
             self.dir().display(),
             log_tail(&logs, 30)
         );
+    }
+}
+
+/// The slim private home (see [`rabbitmq_home`]), or None (the installed home, a
+/// slower start) if it cannot be built.
+fn slim_home(install: &Install, dir: &Path) -> Option<(PathBuf, PathBuf)> {
+    match rabbitmq_home::build(&install.sbin, &dir.join("home")) {
+        Ok(dirs) => Some(dirs),
+        Err(err) => {
+            eprintln!(
+                "testkit: cannot build a slim RabbitMQ home ({err}); using {} (slower start)",
+                install.sbin.display()
+            );
+            None
+        }
     }
 }
 

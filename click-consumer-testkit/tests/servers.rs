@@ -129,7 +129,8 @@ fn rabbitmqctl_failures_panic_with_its_output() {
     assert!(message.contains("no_such_command"), "{message}");
 }
 
-/// Declares a durable queue holding one persistent message, through rabbitmqctl eval.
+/// Declares a durable queue holding one persistent message, through rabbitmqctl eval
+/// (internals of RabbitMQ 3.10, the version Debian ships: no AMQP client needed here).
 fn declare_queue_with_persistent_message(rabbitmq: &RabbitMq, queue: &str) {
     let name = format!("rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)");
     rabbitmq.ctl(&[
@@ -201,11 +202,13 @@ fn parse_child_report(line: &str) -> ChildServers {
     // libtest may have printed "test NAME ... " on the same line first.
     let report = &line[line.find("SERVERS ").expect("a report line")..];
     let fields: Vec<&str> = report.split_whitespace().skip(1).collect();
-    let [amqp, http, rabbit_dir, clickhouse_dir] = fields[..] else {
+    let [amqp, epmd, http, rabbit_dir, clickhouse_dir] = fields[..] else {
         panic!("bad child report: {line}");
     };
     ChildServers {
-        ports: vec![amqp.parse().unwrap(), http.parse().unwrap()],
+        ports: [amqp, epmd, http]
+            .map(|port| port.parse().unwrap())
+            .to_vec(),
         dirs: vec![rabbit_dir.into(), clickhouse_dir.into()],
     }
 }
@@ -213,8 +216,15 @@ fn parse_child_report(line: &str) -> ChildServers {
 /// The child side: start the shared servers, report them, then wait to be killed.
 fn run_as_doomed_child() {
     let servers = shared();
+    // The broker's private epmd port is only shown by its Debug output.
+    let debug = format!("{:?}", servers.rabbitmq);
+    let epmd_port = debug
+        .split("epmd_port: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .expect("epmd_port in the Debug output");
     println!(
-        "SERVERS {} {} {} {}",
+        "\nSERVERS {} {epmd_port} {} {} {}",
         servers.rabbitmq.port(),
         servers.clickhouse.http_port(),
         servers.rabbitmq.dir().display(),
