@@ -533,3 +533,73 @@ mod tests {
         assert_eq!(decoded.referrer, "r");
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn json_string(s: &str) -> String {
+        serde_json::to_string(s).unwrap()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Any bytes at all: a row or a reason, never a panic; a row always encodes.
+        #[test]
+        fn any_body_is_a_row_or_a_reason(body in proptest::collection::vec(any::<u8>(), 0..512)) {
+            match Row::decode(&body, 1024) {
+                Ok(row) => {
+                    prop_assert!(!row.short_code.is_empty());
+                    let mut buf = Vec::new();
+                    row.encode(&mut buf);
+                    prop_assert!(buf.len() >= 4 + 6);
+                }
+                Err(reason) => prop_assert!(!reason.to_string().is_empty()),
+            }
+        }
+
+        /// JSON-looking noise around the real field names exercises the parser deeper
+        /// than random bytes do.
+        #[test]
+        fn json_noise_is_a_row_or_a_reason(
+            fields in proptest::collection::vec(
+                (prop_oneof![
+                    Just("short_code"), Just("timestamp"), Just("user_agent"),
+                    Just("ip_address"), Just("referrer"), Just("original_url"), Just("x"),
+                ], prop_oneof![
+                    "\\PC{0,20}".prop_map(|s| json_string(&s)),
+                    Just("null".to_owned()), Just("1".to_owned()), Just("[]".to_owned()),
+                    Just("{}".to_owned()), Just("\"2024-01-15T10:30:00Z\"".to_owned()),
+                ]),
+                0..8,
+            )
+        ) {
+            let body = format!(
+                "{{{}}}",
+                fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
+            );
+            let _ = Row::decode(body.as_bytes(), 1 << 20);
+        }
+
+        /// Every valid event decodes to exactly what was sent, timestamps normalised.
+        #[test]
+        fn valid_events_round_trip(
+            code in "\\PC{1,40}",
+            seconds in 0u32..=u32::MAX,
+            agent in "\\PC{0,80}",
+            ip in "\\PC{0,40}",
+        ) {
+            let event = ClickEvent::new(code.clone(), timestamp::format_rfc3339(seconds))
+                .with_user_agent(agent.clone())
+                .with_ip_address(ip.clone());
+            let body = serde_json::to_vec(&event).unwrap();
+            let row = Row::decode(&body, usize::MAX).unwrap();
+            prop_assert_eq!(&*row.short_code, code.as_str());
+            prop_assert_eq!(row.timestamp, seconds);
+            prop_assert_eq!(&*row.user_agent, agent.as_str());
+            prop_assert_eq!(&*row.ip_address, ip.as_str());
+        }
+    }
+}

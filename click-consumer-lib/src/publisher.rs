@@ -132,7 +132,12 @@ impl ClickPublisher {
             .basic_publish(
                 self.exchange.clone(),
                 self.routing_key.clone(),
-                BasicPublishOptions::default(),
+                // Mandatory: a click the broker cannot route to any queue (the queue was
+                // deleted) comes back as an error instead of vanishing.
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 body,
                 properties,
             )
@@ -160,7 +165,14 @@ impl ClickPublisher {
 
 fn check(confirmation: lapin::Result<Confirmation>) -> Result<()> {
     match confirmation {
-        Ok(Confirmation::Ack(_) | Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(None) | Confirmation::NotRequested) => Ok(()),
+        Ok(Confirmation::Ack(Some(returned))) => Err(Error::broker(
+            format!(
+                "the broker could not route the click to any queue ({}): is the queue bound to the exchange?",
+                returned.reply_text
+            ),
+            lapin::Error::from(std::io::Error::other("basic.return")),
+        )),
         Ok(Confirmation::Nack(_)) => Err(Error::broker(
             "the broker refused the message",
             lapin::Error::from(std::io::Error::other("basic.nack")),
