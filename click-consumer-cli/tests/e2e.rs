@@ -176,3 +176,77 @@ fn unreachable_servers_exit_1_after_the_start_up_window() {
     );
     assert!(started.elapsed() < Duration::from_secs(10));
 }
+
+/// Passwords never reach the output, at any log level, in errors or in `--help`.
+#[test]
+fn passwords_never_appear_in_logs_errors_or_help() {
+    let servers = shared();
+    let ch_secret = "ch-secret-7731";
+    let rmq_secret = "rmq-secret-9942";
+    let run = |envs: &[(&str, String)], args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_click-consumer"));
+        command
+            .env_clear()
+            .env("LOG_LEVEL", "trace")
+            .env("METRICS_ADDR", "off")
+            .env("STARTUP_TIMEOUT_MS", "3000")
+            .env("CLICKHOUSE_HOST", "127.0.0.1")
+            .env(
+                "CLICKHOUSE_PORT",
+                servers.clickhouse.http_port().to_string(),
+            )
+            .args(args);
+        for (name, value) in envs {
+            command.env(name, value);
+        }
+        let output = command.output().unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        (output.status, text)
+    };
+    let wrong_broker_password = servers
+        .rabbitmq
+        .amqp_url()
+        .replace("guest:guest", &format!("guest:{rmq_secret}"));
+
+    // ClickHouse refuses the password: a fatal error, logged and printed.
+    let (status, text) = run(
+        &[
+            ("CLICKHOUSE_PASSWORD", ch_secret.to_owned()),
+            ("RABBITMQ_URL", wrong_broker_password.clone()),
+        ],
+        &[],
+    );
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("ClickHouse"),
+        "the error says what failed: {text}"
+    );
+    // RabbitMQ refuses the password (ClickHouse accepts the empty one).
+    let (status, text2) = run(&[("RABBITMQ_URL", wrong_broker_password.clone())], &[]);
+    assert!(!status.success(), "{text2}");
+    assert!(
+        text2.contains("guest:***@"),
+        "the URL is shown redacted: {text2}"
+    );
+    let (_, help) = run(
+        &[
+            ("CLICKHOUSE_PASSWORD", ch_secret.to_owned()),
+            ("RABBITMQ_URL", wrong_broker_password),
+        ],
+        &["--help"],
+    );
+    for output in [&text, &text2, &help] {
+        assert!(
+            !output.contains(ch_secret),
+            "ClickHouse password leaked:\n{output}"
+        );
+        assert!(
+            !output.contains(rmq_secret),
+            "RabbitMQ password leaked:\n{output}"
+        );
+    }
+}

@@ -180,3 +180,45 @@ async fn wrong_credentials_fail_at_once() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn a_quorum_queue_is_declared_with_a_delivery_limit_and_dead_lettering() {
+    let names = Names::new("quorum");
+    let config = config(&names).with_queue_type(click_consumer::QueueType::Quorum);
+    let running = start(Consumer::new(config.clone()).unwrap());
+    let publisher = publisher(&config).await;
+    publisher.publish(&event(1)).await.unwrap();
+    publisher.publish_bytes(b"poison").await.unwrap();
+    wait_for_rows(&names, 1).await;
+    running.stop().await.unwrap();
+    let queue = names.queue.clone();
+    let listed = tokio::task::spawn_blocking(move || {
+        servers()
+            .rabbitmq
+            .ctl(&[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "type",
+                "arguments",
+            ])
+            .lines()
+            .find(|line| line.starts_with(&format!("{queue}\t")))
+            .map(str::to_owned)
+    })
+    .await
+    .unwrap()
+    .expect("the queue is listed");
+    assert!(listed.contains("quorum"), "{listed}");
+    assert!(listed.contains("x-delivery-limit"), "{listed}");
+    assert!(
+        listed.contains(&names.dead_letter_queue()),
+        "dead-letters to our queue: {listed}"
+    );
+    assert_eq!(
+        drain(&names.dead_letter_queue()).await.len(),
+        1,
+        "the poison message"
+    );
+}
