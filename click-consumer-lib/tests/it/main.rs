@@ -6,4 +6,5 @@ mod common;
 mod consume;
 mod faults;
 mod publisher;
+mod schema;
 mod topology;

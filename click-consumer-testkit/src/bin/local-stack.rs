@@ -42,7 +42,7 @@ fn main() -> ExitCode {
     };
     let mut service = Command::new(&consumer);
     with_env(&mut service);
-    let mut service = service.spawn().expect("click-consumer starts");
+    let mut service = service.spawn().expect("the command starts");
     let mut demo = (rate > 0).then(|| {
         thread::sleep(Duration::from_secs(1));
         let mut demo = Command::new(&consumer);
@@ -54,11 +54,11 @@ fn main() -> ExitCode {
     });
     // Ctrl-C reaches the whole process group; this process only waits for the others.
     ignore_interrupts();
-    let status = service.wait().expect("wait for click-consumer");
+    let status = service.wait().expect("wait for the command");
     if let Some(demo) = demo.as_mut() {
         stop(demo);
     }
-    eprintln!("local-stack: click-consumer exited ({status}); stopping the servers");
+    eprintln!("local-stack: {consumer} exited ({status}); stopping the servers");
     servers.rabbitmq.stop();
     servers.clickhouse.stop();
     ExitCode::from(u8::try_from(status.code().unwrap_or(1)).unwrap_or(1))
