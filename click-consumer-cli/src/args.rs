@@ -33,6 +33,8 @@ macro_rules! settings {
 settings! {
     /// AMQP URL of RabbitMQ (amqps:// for TLS). An empty path means the vhost `/`.
     rabbitmq_url: "RABBITMQ_URL" = defaults::RABBITMQ_URL;
+    /// PEM file of a private CA for amqps:// [default: the system's trusted roots].
+    rabbitmq_ca_file: "RABBITMQ_CA_FILE";
     /// Exchange the shortener publishes clicks to.
     rabbitmq_exchange: "RABBITMQ_EXCHANGE" = defaults::EXCHANGE;
     /// Exchange type: direct, fanout, topic or headers.

@@ -7,6 +7,7 @@ use lapin::{
     Channel, Connection, ConnectionProperties, ExchangeKind,
     options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions},
     protocol::{AMQPErrorKind, AMQPSoftError},
+    tcp::OwnedTLSConfig,
     types::{AMQPValue, FieldTable, LongString, ShortString},
     uri::AMQPUri,
 };
@@ -53,7 +54,15 @@ pub(crate) async fn connect(
         .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
     let properties = ConnectionProperties::default()
         .with_connection_name(LongString::from(config.consumer_tag()));
-    match tokio::time::timeout(timeout, Connection::connect_uri(uri, properties)).await {
+    let tls = OwnedTLSConfig {
+        identity: None,
+        cert_chain: config
+            .rabbitmq_ca_pem()
+            .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?,
+    };
+    let runtime = lapin::runtime::default_runtime()?;
+    let connect = Connection::connect_uri_with_config(uri, properties, tls, runtime);
+    match tokio::time::timeout(timeout, connect).await {
         Ok(result) => result,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,

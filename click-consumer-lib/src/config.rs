@@ -3,7 +3,7 @@
 //! Every setting has an environment variable name (the Python service's names where it
 //! had the setting); [`Error::InvalidSetting`] names that variable when a value is refused.
 
-use std::{fmt, str::FromStr, time::Duration};
+use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
 use crate::error::{Error, Result};
 use crate::secret::{Secret, redact_url};
@@ -145,6 +145,7 @@ impl FromStr for QueueType {
 #[derive(Clone)]
 pub struct Config {
     pub(crate) rabbitmq_url: String,
+    pub(crate) rabbitmq_ca_file: Option<PathBuf>,
     pub(crate) exchange: String,
     pub(crate) exchange_type: ExchangeType,
     pub(crate) queue: String,
@@ -178,6 +179,7 @@ impl Default for Config {
         use defaults::*;
         Config {
             rabbitmq_url: RABBITMQ_URL.to_owned(),
+            rabbitmq_ca_file: None,
             exchange: EXCHANGE.to_owned(),
             exchange_type: ExchangeType::Topic,
             queue: QUEUE.to_owned(),
@@ -212,6 +214,7 @@ impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
             .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
+            .field("rabbitmq_ca_file", &self.rabbitmq_ca_file)
             .field("exchange", &self.exchange)
             .field("exchange_type", &self.exchange_type)
             .field("queue", &self.queue)
@@ -343,6 +346,33 @@ impl Config {
         self
     }
 
+    /// `RABBITMQ_CA_FILE`: PEM file of the CA that signed the broker's certificate, for
+    /// `amqps://` with a private CA (by default the system's trusted roots are used).
+    pub fn with_rabbitmq_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.rabbitmq_ca_file = Some(path.into());
+        self
+    }
+
+    /// The PEM of `RABBITMQ_CA_FILE`, if set.
+    pub(crate) fn rabbitmq_ca_pem(&self) -> Result<Option<String>> {
+        let Some(path) = &self.rabbitmq_ca_file else {
+            return Ok(None);
+        };
+        let pem = std::fs::read_to_string(path).map_err(|e| {
+            Error::setting(
+                "RABBITMQ_CA_FILE",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?;
+        if !pem.contains("-----BEGIN CERTIFICATE-----") {
+            return Err(Error::setting(
+                "RABBITMQ_CA_FILE",
+                format!("{} holds no PEM certificate", path.display()),
+            ));
+        }
+        Ok(Some(pem))
+    }
+
     /// `CLICKHOUSE_PASSWORD`
     pub fn with_clickhouse_password(mut self, password: impl Into<String>) -> Self {
         self.clickhouse_password = Secret::new(password);
@@ -415,6 +445,7 @@ impl Config {
     /// [`Error::InvalidSetting`] naming the first refused setting.
     pub fn validate(&self) -> Result<()> {
         crate::broker::parse_url(&self.rabbitmq_url)?;
+        self.rabbitmq_ca_pem()?;
         non_empty("RABBITMQ_EXCHANGE", &self.exchange)?;
         amqp_name("RABBITMQ_QUEUE", &self.queue)?;
         amqp_name("RABBITMQ_EXCHANGE", &self.exchange)?;
@@ -503,6 +534,7 @@ impl Config {
         let env = Env(&lookup);
         let mut c = Config::default();
         env.set("RABBITMQ_URL", &mut c.rabbitmq_url);
+        c.rabbitmq_ca_file = env.get("RABBITMQ_CA_FILE").map(PathBuf::from);
         env.set("RABBITMQ_EXCHANGE", &mut c.exchange);
         env.parse("RABBITMQ_EXCHANGE_TYPE", &mut c.exchange_type)?;
         env.set("RABBITMQ_QUEUE", &mut c.queue);
@@ -786,6 +818,18 @@ mod tests {
         assert_eq!(
             refused_setting(&[("CLICKHOUSE_URL", "ftp://x")]),
             "CLICKHOUSE_URL"
+        );
+    }
+
+    #[test]
+    fn ca_file_must_be_a_readable_pem() {
+        assert_eq!(
+            refused_setting(&[("RABBITMQ_CA_FILE", "/nonexistent/ca.pem")]),
+            "RABBITMQ_CA_FILE"
+        );
+        assert_eq!(
+            refused_setting(&[("RABBITMQ_CA_FILE", "/etc/hostname")]),
+            "RABBITMQ_CA_FILE"
         );
     }
 
