@@ -59,6 +59,10 @@ settings! {
     clickhouse_database: "CLICKHOUSE_DATABASE" = defaults::CLICKHOUSE_DATABASE;
     /// Table, created if missing.
     clickhouse_table: "CLICKHOUSE_TABLE" = defaults::CLICKHOUSE_TABLE;
+    /// Engine of the table created when missing, e.g. ReplicatedMergeTree(...).
+    clickhouse_table_engine: "CLICKHOUSE_TABLE_ENGINE" = defaults::CLICKHOUSE_TABLE_ENGINE;
+    /// Create the database and table ON CLUSTER this cluster.
+    clickhouse_cluster: "CLICKHOUSE_CLUSTER";
     /// ClickHouse user.
     clickhouse_user: "CLICKHOUSE_USER" = defaults::CLICKHOUSE_USER;
     /// ClickHouse password [default: empty].

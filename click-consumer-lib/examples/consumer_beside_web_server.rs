@@ -32,7 +32,10 @@ async fn web_server(listener: TcpListener, metrics: Arc<Metrics>, shutdown: Canc
             let body = metrics.encode();
             async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body)))) }
         });
-        tokio::spawn(hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service));
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service),
+        );
     }
 }
 
@@ -48,7 +51,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let consumer = Consumer::new(config.clone())?.on_commit(move |report| {
         let _ = commits_tx.send(report.clone());
     });
-    let listener = TcpListener::bind(if self_test { "127.0.0.1:0" } else { "127.0.0.1:8081" }).await?;
+    let listener = TcpListener::bind(if self_test {
+        "127.0.0.1:0"
+    } else {
+        "127.0.0.1:8081"
+    })
+    .await?;
     log::info!("app metrics on http://{}/metrics", listener.local_addr()?);
     let web = tokio::spawn(web_server(listener, consumer.metrics(), shutdown.clone()));
 
@@ -58,7 +66,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let mut committed = 0;
         while let Some(report) = commits.recv().await {
             committed += report.rows;
-            log::info!("committed {} rows ({} in all, {} dead-lettered in this batch)", report.rows, committed, report.dead_lettered);
+            log::info!(
+                "committed {} rows ({} in all, {} dead-lettered in this batch)",
+                report.rows,
+                committed,
+                report.dead_lettered
+            );
             if committed >= expected {
                 trigger.cancel();
             }
@@ -66,7 +79,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     if self_test {
         let publisher = ClickPublisher::connect(&config).await?;
-        let clicks: Vec<ClickEvent> = (0..200).map(|i| ClickEvent::now(format!("app{i}"))).collect();
+        let clicks: Vec<ClickEvent> = (0..200)
+            .map(|i| ClickEvent::now(format!("app{i}")))
+            .collect();
         publisher.publish_all(&clicks).await?;
         publisher.close().await?;
     } else {
@@ -78,7 +93,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let summary = tokio::time::timeout(
-        if self_test { Duration::from_secs(60) } else { Duration::MAX },
+        if self_test {
+            Duration::from_secs(60)
+        } else {
+            Duration::MAX
+        },
         consumer.run(shutdown.cancelled()),
     )
     .await

@@ -37,7 +37,11 @@ struct App {
     published: tokio::sync::Mutex<JoinSet<()>>,
 }
 
-async fn redirect(app: Arc<App>, peer: SocketAddr, request: Request<Incoming>) -> Result<Response<Empty<Bytes>>, Infallible> {
+async fn redirect(
+    app: Arc<App>,
+    peer: SocketAddr,
+    request: Request<Incoming>,
+) -> Result<Response<Empty<Bytes>>, Infallible> {
     let code = request.uri().path().trim_start_matches('/');
     let Some(&target) = app.links.get(code) else {
         let mut response = Response::new(Empty::new());
@@ -45,7 +49,12 @@ async fn redirect(app: Arc<App>, peer: SocketAddr, request: Request<Incoming>) -
         return Ok(response);
     };
     let header_text = |name| {
-        request.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
     };
     let click = ClickEvent::now(code)
         .with_user_agent(header_text(header::USER_AGENT))
@@ -60,13 +69,17 @@ async fn redirect(app: Arc<App>, peer: SocketAddr, request: Request<Incoming>) -
     });
     let mut response = Response::new(Empty::new());
     *response.status_mut() = StatusCode::FOUND;
-    response.headers_mut().insert(header::LOCATION, header::HeaderValue::from_static(target));
+    response
+        .headers_mut()
+        .insert(header::LOCATION, header::HeaderValue::from_static(target));
     Ok(response)
 }
 
 async fn serve(listener: TcpListener, app: Arc<App>) {
     loop {
-        let Ok((stream, peer)) = listener.accept().await else { continue };
+        let Ok((stream, peer)) = listener.accept().await else {
+            continue;
+        };
         let app = app.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| redirect(app.clone(), peer, request));
@@ -80,7 +93,9 @@ async fn serve(listener: TcpListener, app: Arc<App>) {
 /// Sends `GET /<code>` and returns the status line.
 async fn get(addr: SocketAddr, code: &str) -> std::io::Result<String> {
     let mut stream = TcpStream::connect(addr).await?;
-    let request = format!("GET /{code} HTTP/1.1\r\nHost: x\r\nUser-Agent: self-test\r\nConnection: close\r\n\r\n");
+    let request = format!(
+        "GET /{code} HTTP/1.1\r\nHost: x\r\nUser-Agent: self-test\r\nConnection: close\r\n\r\n"
+    );
     stream.write_all(request.as_bytes()).await?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply).await?;
@@ -91,9 +106,17 @@ async fn get(addr: SocketAddr, code: &str) -> std::io::Result<String> {
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let self_test = std::env::var_os("EXAMPLE_SELF_TEST").is_some();
-    let addr = if self_test { "127.0.0.1:0".to_owned() } else { std::env::var("EXAMPLE_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned()) };
+    let addr = if self_test {
+        "127.0.0.1:0".to_owned()
+    } else {
+        std::env::var("EXAMPLE_ADDR").unwrap_or_else(|_| "127.0.0.1:8080".to_owned())
+    };
     let publisher = ClickPublisher::connect(&Config::from_env()?).await?;
-    let app = Arc::new(App { links: links(), publisher: publisher.clone(), published: Default::default() });
+    let app = Arc::new(App {
+        links: links(),
+        publisher: publisher.clone(),
+        published: Default::default(),
+    });
     let listener = TcpListener::bind(&addr).await?;
     let local = listener.local_addr()?;
     log::info!("redirecting on http://{local}/docs and http://{local}/rust");

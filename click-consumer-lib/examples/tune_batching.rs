@@ -33,7 +33,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_prefetch(2_000);
 
     let publisher = ClickPublisher::connect(&config).await?;
-    let clicks: Vec<ClickEvent> = (0..CLICKS).map(|i| ClickEvent::now(format!("tune{}", i % 50))).collect();
+    let clicks: Vec<ClickEvent> = (0..CLICKS)
+        .map(|i| ClickEvent::now(format!("tune{}", i % 50)))
+        .collect();
     publisher.publish_all(&clicks).await?;
     publisher.close().await?;
 
@@ -43,8 +45,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let stored = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = stored.clone();
     let consumer = Consumer::new(config)?.on_commit(move |batch| {
-        let total = counter.fetch_add(batch.rows, std::sync::atomic::Ordering::Relaxed) + batch.rows;
-        println!("batch: {:>5} rows, INSERT took {:?} ({total} stored)", batch.rows, batch.insert_duration);
+        let total =
+            counter.fetch_add(batch.rows, std::sync::atomic::Ordering::Relaxed) + batch.rows;
+        println!(
+            "batch: {:>5} rows, INSERT took {:?} ({total} stored)",
+            batch.rows, batch.insert_duration
+        );
         if self_test && total >= CLICKS {
             stop_when_done.cancel();
         }
@@ -57,7 +63,11 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let summary = consumer.run(done.cancelled()).await?;
     println!("{} rows in {} INSERTs", summary.stored, summary.inserts);
     if self_test {
-        assert!(summary.inserts <= 10, "1,000-row batches: about 5 INSERTs for 5,000 clicks, got {}", summary.inserts);
+        assert!(
+            summary.inserts <= 10,
+            "1,000-row batches: about 5 INSERTs for 5,000 clicks, got {}",
+            summary.inserts
+        );
     }
     Ok(())
 }

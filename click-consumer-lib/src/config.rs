@@ -32,6 +32,8 @@ pub mod defaults {
     pub const CLICKHOUSE_TABLE: &str = "click_events";
     /// `CLICKHOUSE_USER`
     pub const CLICKHOUSE_USER: &str = "default";
+    /// `CLICKHOUSE_TABLE_ENGINE`: the engine of the table created when missing.
+    pub const CLICKHOUSE_TABLE_ENGINE: &str = "MergeTree()";
     /// `BATCH_SIZE`: rows per INSERT. ClickHouse wants thousands of rows per INSERT (each
     /// INSERT makes a part); 10,000 rows of ~300 bytes is ~3 MB, cheap to hold and retry.
     pub const BATCH_SIZE: usize = 10_000;
@@ -158,6 +160,8 @@ pub struct Config {
     pub(crate) clickhouse_port: u16,
     pub(crate) clickhouse_database: String,
     pub(crate) clickhouse_table: String,
+    pub(crate) clickhouse_table_engine: String,
+    pub(crate) clickhouse_cluster: Option<String>,
     pub(crate) clickhouse_user: String,
     pub(crate) clickhouse_password: Secret,
     pub(crate) batch_size: usize,
@@ -192,6 +196,8 @@ impl Default for Config {
             clickhouse_port: CLICKHOUSE_PORT,
             clickhouse_database: CLICKHOUSE_DATABASE.to_owned(),
             clickhouse_table: CLICKHOUSE_TABLE.to_owned(),
+            clickhouse_table_engine: CLICKHOUSE_TABLE_ENGINE.to_owned(),
+            clickhouse_cluster: None,
             clickhouse_user: CLICKHOUSE_USER.to_owned(),
             clickhouse_password: Secret::default(),
             batch_size: BATCH_SIZE,
@@ -224,6 +230,8 @@ impl fmt::Debug for Config {
             .field("clickhouse_url", &redact_url(&self.clickhouse_url()))
             .field("clickhouse_database", &self.clickhouse_database)
             .field("clickhouse_table", &self.clickhouse_table)
+            .field("clickhouse_table_engine", &self.clickhouse_table_engine)
+            .field("clickhouse_cluster", &self.clickhouse_cluster)
             .field("clickhouse_user", &self.clickhouse_user)
             .field("clickhouse_password", &self.clickhouse_password)
             .field("batch_size", &self.batch_size)
@@ -373,6 +381,20 @@ impl Config {
         Ok(Some(pem))
     }
 
+    /// `CLICKHOUSE_TABLE_ENGINE`: the engine clause of the table created when missing,
+    /// e.g. `ReplicatedMergeTree('/clickhouse/tables/{shard}/click_events', '{replica}')`
+    /// (default `MergeTree()`). Ignored when the table exists.
+    pub fn with_clickhouse_table_engine(mut self, engine: impl Into<String>) -> Self {
+        self.clickhouse_table_engine = engine.into();
+        self
+    }
+
+    /// `CLICKHOUSE_CLUSTER`: create the database and table `ON CLUSTER` this cluster.
+    pub fn with_clickhouse_cluster(mut self, cluster: impl Into<String>) -> Self {
+        self.clickhouse_cluster = Some(cluster.into());
+        self
+    }
+
     /// `CLICKHOUSE_PASSWORD`
     pub fn with_clickhouse_password(mut self, password: impl Into<String>) -> Self {
         self.clickhouse_password = Secret::new(password);
@@ -461,6 +483,10 @@ impl Config {
         }
         identifier("CLICKHOUSE_DATABASE", &self.clickhouse_database)?;
         identifier("CLICKHOUSE_TABLE", &self.clickhouse_table)?;
+        if let Some(cluster) = &self.clickhouse_cluster {
+            identifier("CLICKHOUSE_CLUSTER", cluster)?;
+        }
+        table_engine(&self.clickhouse_table_engine)?;
         non_empty("CLICKHOUSE_USER", &self.clickhouse_user)?;
         let url = self.clickhouse_url();
         if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -547,6 +573,8 @@ impl Config {
         env.parse("CLICKHOUSE_PORT", &mut c.clickhouse_port)?;
         env.set("CLICKHOUSE_DATABASE", &mut c.clickhouse_database);
         env.set("CLICKHOUSE_TABLE", &mut c.clickhouse_table);
+        env.set("CLICKHOUSE_TABLE_ENGINE", &mut c.clickhouse_table_engine);
+        c.clickhouse_cluster = env.get("CLICKHOUSE_CLUSTER");
         env.set("CLICKHOUSE_USER", &mut c.clickhouse_user);
         if let Some(password) = env.get("CLICKHOUSE_PASSWORD") {
             c.clickhouse_password = Secret::new(password);
@@ -702,6 +730,26 @@ pub(crate) fn identifier(name: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// An engine clause: a name and optional arguments, no statement separators, comments
+/// or quoting tricks (`;`, `--`, `/*`, backticks, backslashes).
+fn table_engine(value: &str) -> Result<()> {
+    let starts_with_name = value
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic());
+    let forbidden = [";", "--", "/*", "`", "\\", "\n", "\r"];
+    if !starts_with_name || forbidden.iter().any(|f| value.contains(f)) {
+        return Err(Error::setting(
+            "CLICKHOUSE_TABLE_ENGINE",
+            format!(
+                "`{}` is not an engine clause like MergeTree() or ReplicatedMergeTree('/clickhouse/tables/{{shard}}/t', '{{replica}}')",
+                value.escape_debug()
+            ),
+        ));
+    }
+    Ok(())
+}
+
 fn default_consumer_tag() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
@@ -818,6 +866,35 @@ mod tests {
         assert_eq!(
             refused_setting(&[("CLICKHOUSE_URL", "ftp://x")]),
             "CLICKHOUSE_URL"
+        );
+    }
+
+    #[test]
+    fn table_engine_and_cluster_are_checked() {
+        let c = from(&[
+            (
+                "CLICKHOUSE_TABLE_ENGINE",
+                "ReplicatedMergeTree('/clickhouse/tables/{shard}/clicks', '{replica}')",
+            ),
+            ("CLICKHOUSE_CLUSTER", "analytics"),
+        ])
+        .expect("valid");
+        assert_eq!(c.clickhouse_cluster.as_deref(), Some("analytics"));
+        for bad in [
+            "MergeTree(); DROP TABLE x",
+            "MergeTree() -- x",
+            "`x`",
+            "(x)",
+        ] {
+            assert_eq!(
+                refused_setting(&[("CLICKHOUSE_TABLE_ENGINE", bad)]),
+                "CLICKHOUSE_TABLE_ENGINE",
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            refused_setting(&[("CLICKHOUSE_CLUSTER", "a b")]),
+            "CLICKHOUSE_CLUSTER"
         );
     }
 

@@ -34,6 +34,8 @@ pub(crate) struct Store {
     url: String,
     database: String,
     table: String,
+    engine: String,
+    on_cluster: String,
     insert_sql: String,
 }
 
@@ -69,11 +71,17 @@ impl Store {
             "INSERT INTO {database}.{table} ({}) FORMAT RowBinary",
             columns.join(", ")
         );
+        let on_cluster = config
+            .clickhouse_cluster
+            .as_ref()
+            .map_or_else(String::new, |cluster| format!("ON CLUSTER {cluster}"));
         Store {
             client,
             url,
             database,
             table,
+            engine: config.clickhouse_table_engine.clone(),
+            on_cluster,
             insert_sql,
         }
     }
@@ -107,7 +115,10 @@ impl Store {
     pub(crate) async fn ensure_schema(&self) -> Result<()> {
         let db = &self.database;
         self.client
-            .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+            .query(&format!(
+                "CREATE DATABASE IF NOT EXISTS {db} {}",
+                self.on_cluster
+            ))
             .execute()
             .await
             .map_err(|e| Error::clickhouse(format!("failed to create database `{db}`"), e))?;
@@ -132,6 +143,9 @@ impl Store {
             .join("\n")
             .replace("{database}", &self.database)
             .replace("{table}", &self.table)
+            .replace("{on_cluster}", &self.on_cluster)
+            // Last: the engine may hold ClickHouse macros such as {shard} and {replica}.
+            .replace("{engine}", &self.engine)
     }
 
     /// Checks that every column the consumer writes exists with a compatible type.
@@ -345,6 +359,25 @@ mod tests {
         );
         assert!(ddl.contains("ENGINE = MergeTree()"), "{ddl}");
         assert!(!ddl.contains("--"), "comments are stripped: {ddl}");
+        assert!(!ddl.contains("ON CLUSTER"), "{ddl}");
+        let clustered = Store::new(
+            &Config::default()
+                .with_clickhouse_cluster("analytics")
+                .with_clickhouse_table_engine(
+                    "ReplicatedMergeTree('/clickhouse/tables/{shard}/t', '{replica}')",
+                ),
+        );
+        let ddl = clustered.table_ddl();
+        assert!(
+            ddl.contains("url_shortener.click_events ON CLUSTER analytics"),
+            "{ddl}"
+        );
+        assert!(
+            ddl.contains(
+                "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/t', '{replica}')"
+            ),
+            "ClickHouse macros are kept: {ddl}"
+        );
         assert_eq!(
             store.insert_sql,
             "INSERT INTO db1.t1 (short_code, timestamp, user_agent, ip_address, referrer, original_url) FORMAT RowBinary"

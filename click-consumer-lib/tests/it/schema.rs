@@ -33,7 +33,10 @@ async fn what_the_publisher_sends_validates() {
     assert_eq!(bodies.len(), events.len());
     for taken in bodies {
         let text = String::from_utf8_lossy(&taken.body);
-        assert!(schema_accepts(&validator, &taken.body), "schema refuses the publisher's {text}");
+        assert!(
+            schema_accepts(&validator, &taken.body),
+            "schema refuses the publisher's {text}"
+        );
         ClickEvent::decode(&taken.body).unwrap_or_else(|e| panic!("consumer refuses {text}: {e}"));
     }
 }
@@ -42,23 +45,52 @@ async fn what_the_publisher_sends_validates() {
 fn the_schema_and_the_consumer_agree_on_samples() {
     let validator = validator();
     let samples: &[(&str, bool)] = &[
-        (r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00Z"}"#, true),
-        (r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00.5+02:00","user_agent":null}"#, true),
-        (r#"{"short_code":"a","timestamp":"2024-01-15 10:30:00","extra":[1,{"b":2}]}"#, true),
-        (r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00+0530","ip_address":"::1"}"#, true),
-        (r#"{"short_code":"","timestamp":"2024-01-15T10:30:00Z"}"#, false),
+        (
+            r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00Z"}"#,
+            true,
+        ),
+        (
+            r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00.5+02:00","user_agent":null}"#,
+            true,
+        ),
+        (
+            r#"{"short_code":"a","timestamp":"2024-01-15 10:30:00","extra":[1,{"b":2}]}"#,
+            true,
+        ),
+        (
+            r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00+0530","ip_address":"::1"}"#,
+            true,
+        ),
+        (
+            r#"{"short_code":"","timestamp":"2024-01-15T10:30:00Z"}"#,
+            false,
+        ),
         (r#"{"timestamp":"2024-01-15T10:30:00Z"}"#, false),
         (r#"{"short_code":"a"}"#, false),
-        (r#"{"short_code":1,"timestamp":"2024-01-15T10:30:00Z"}"#, false),
+        (
+            r#"{"short_code":1,"timestamp":"2024-01-15T10:30:00Z"}"#,
+            false,
+        ),
         (r#"{"short_code":"a","timestamp":1705314600}"#, false),
         (r#"{"short_code":"a","timestamp":"15/01/2024"}"#, false),
-        (r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00Z","referrer":5}"#, false),
+        (
+            r#"{"short_code":"a","timestamp":"2024-01-15T10:30:00Z","referrer":5}"#,
+            false,
+        ),
         (r#"["a","2024-01-15T10:30:00Z"]"#, false),
         ("not json", false),
     ];
     for (body, valid) in samples {
-        assert_eq!(schema_accepts(&validator, body.as_bytes()), *valid, "schema on {body}");
-        assert_eq!(ClickEvent::decode(body.as_bytes()).is_ok(), *valid, "consumer on {body}");
+        assert_eq!(
+            schema_accepts(&validator, body.as_bytes()),
+            *valid,
+            "schema on {body}"
+        );
+        assert_eq!(
+            ClickEvent::decode(body.as_bytes()).is_ok(),
+            *valid,
+            "consumer on {body}"
+        );
     }
     // What a pattern cannot say, the schema says in words and the consumer enforces:
     // calendar dates and the DateTime range.

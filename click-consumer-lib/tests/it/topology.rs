@@ -222,3 +222,15 @@ async fn a_quorum_queue_is_declared_with_a_delivery_limit_and_dead_lettering() {
         "the poison message"
     );
 }
+
+#[tokio::test]
+async fn the_table_engine_is_configurable() {
+    let names = Names::new("engine");
+    let config = config(&names).with_clickhouse_table_engine("ReplacingMergeTree()");
+    let running = start(Consumer::new(config.clone()).unwrap());
+    publisher(&config).await.publish(&event(1)).await.unwrap();
+    wait_for_rows(&names, 1).await;
+    running.stop().await.unwrap();
+    let ddl = query(format!("SHOW CREATE TABLE {}", names.table())).await;
+    assert!(ddl.contains("ENGINE = ReplacingMergeTree"), "{ddl}");
+}
