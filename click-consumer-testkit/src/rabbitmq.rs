@@ -177,6 +177,30 @@ impl RabbitMq {
         self.broker.is_running()
     }
 
+    /// `(ready, unacknowledged)` messages of `queue` from the broker's own bookkeeping
+    /// (`rabbitmqctl list_queues`), or `None` if the queue does not exist.
+    pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
+        let out = self.ctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "messages_ready",
+            "messages_unacknowledged",
+        ]);
+        out.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| fields.len() == 3 && fields[0] == queue)
+            .map(|fields| {
+                let count = |f: &str| {
+                    f.trim()
+                        .parse()
+                        .unwrap_or_else(|_| panic!("bad count in {out}"))
+                };
+                (count(fields[1]), count(fields[2]))
+            })
+    }
+
     /// Runs `rabbitmqctl` against this node and returns its standard output, e.g.
     /// `ctl(&["list_queues", "name", "messages_ready", "messages_unacknowledged"])`.
     /// Put `-q` first (and `--no-table-headers` after the command) for bare output.

@@ -105,18 +105,7 @@ impl<'a> Stack<'a> {
 
     /// `(ready, unacknowledged)` of a queue, `None` if it does not exist.
     pub(crate) fn queue_counts(&self, name: &str) -> Option<(u64, u64)> {
-        let out = self.rabbitmq.ctl(&[
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ]);
-        out.lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() == 3 && f[0] == name)
-            .map(|f| (f[1].parse().unwrap(), f[2].parse().unwrap()))
+        self.rabbitmq.queue_counts(name)
     }
 
     pub(crate) fn queue(&self) -> (u64, u64) {

@@ -200,28 +200,10 @@ pub(crate) async fn drain(queue: &str) -> Vec<Taken> {
 /// `(ready, unacknowledged)` messages of `queue`, from the broker's own bookkeeping.
 pub(crate) async fn queue_counts(queue: &str) -> (u64, u64) {
     let queue = queue.to_owned();
-    let out = tokio::task::spawn_blocking(move || {
-        servers().rabbitmq.ctl(&[
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ])
-    })
-    .await
-    .expect("rabbitmqctl thread");
-    for line in out.lines() {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.first() == Some(&queue.as_str()) && fields.len() == 3 {
-            return (
-                fields[1].parse().expect("ready count"),
-                fields[2].parse().expect("unacked count"),
-            );
-        }
-    }
-    panic!("queue {queue} not listed by rabbitmqctl:\n{out}");
+    tokio::task::spawn_blocking(move || servers().rabbitmq.queue_counts(&queue))
+        .await
+        .expect("rabbitmqctl thread")
+        .expect("the queue exists")
 }
 
 /// Whether `queue` exists (passive declare on a throwaway channel).
