@@ -71,6 +71,8 @@ settings! {
     batch_size: "BATCH_SIZE" = defaults::BATCH_SIZE;
     /// Longest a message waits for its batch, in milliseconds.
     batch_timeout_ms: "BATCH_TIMEOUT_MS" = defaults::BATCH_TIMEOUT_MS;
+    /// A batch is also written once it holds this many bytes.
+    batch_max_bytes: "BATCH_MAX_BYTES" = defaults::BATCH_MAX_BYTES;
     /// Unacknowledged messages in flight [default: 2 x BATCH_SIZE, at most 65535].
     prefetch_count: "PREFETCH_COUNT";
     /// Larger message bodies are dead-lettered unread.

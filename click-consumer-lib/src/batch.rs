@@ -30,6 +30,8 @@ pub(crate) struct Batch {
     /// is acknowledged with one `basic.ack(last_tag, multiple)`.
     last_tag: u64,
     messages: usize,
+    /// Bytes held: encoded rows plus the bodies kept for dead-lettering.
+    bytes: usize,
     opened_at: Option<Instant>,
 }
 
@@ -64,6 +66,8 @@ impl Batch {
     /// Records the row just encoded into [`Batch::row_buffer`] and its delivery.
     pub(crate) fn push_row(&mut self, delivery: Delivery) {
         self.note(delivery.delivery_tag);
+        let row_start = self.row_ends.last().copied().unwrap_or(0);
+        self.bytes += self.rows.len() - row_start + delivery.data.len();
         self.row_ends.push(self.rows.len());
         self.deliveries.push(delivery);
     }
@@ -82,6 +86,11 @@ impl Batch {
     /// Messages in the batch (rows and dead letters).
     pub(crate) fn len(&self) -> usize {
         self.messages
+    }
+
+    /// Whether the batch must be written now: `max_rows` messages or `max_bytes` held.
+    pub(crate) fn is_full(&self, max_rows: usize, max_bytes: usize) -> bool {
+        self.messages >= max_rows || self.bytes >= max_bytes
     }
 
     pub(crate) fn is_empty(&self) -> bool {
@@ -210,5 +219,7 @@ mod tests {
         );
         assert_eq!(batch.len(), 2);
         assert_eq!(batch.row_count(), 0);
+        assert!(batch.is_full(2, usize::MAX), "full by count");
+        assert!(!batch.is_full(3, usize::MAX));
     }
 }

@@ -41,6 +41,10 @@ pub mod defaults {
     /// rows visible quickly at low traffic while ClickHouse sees at most one INSERT a
     /// second per replica.
     pub const BATCH_TIMEOUT_MS: u64 = 1_000;
+    /// `BATCH_MAX_BYTES`: a batch is also written once it holds this many bytes (rows
+    /// plus the bodies kept to dead-letter rows ClickHouse refuses), which bounds the
+    /// memory of a batch and of its retries when messages are large.
+    pub const BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
     /// `MAX_MESSAGE_BYTES`: larger bodies are dead-lettered unread.
     pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
     /// `SHUTDOWN_TIMEOUT_MS`: below Docker's 10 s stop timeout.
@@ -166,6 +170,7 @@ pub struct Config {
     pub(crate) clickhouse_password: Secret,
     pub(crate) batch_size: usize,
     pub(crate) batch_timeout: Duration,
+    pub(crate) batch_max_bytes: usize,
     pub(crate) prefetch: Option<u16>,
     pub(crate) max_message_bytes: usize,
     pub(crate) consumer_tag: Option<String>,
@@ -202,6 +207,7 @@ impl Default for Config {
             clickhouse_password: Secret::default(),
             batch_size: BATCH_SIZE,
             batch_timeout: Duration::from_millis(BATCH_TIMEOUT_MS),
+            batch_max_bytes: BATCH_MAX_BYTES,
             prefetch: None,
             max_message_bytes: MAX_MESSAGE_BYTES,
             consumer_tag: None,
@@ -236,6 +242,7 @@ impl fmt::Debug for Config {
             .field("clickhouse_password", &self.clickhouse_password)
             .field("batch_size", &self.batch_size)
             .field("batch_timeout", &self.batch_timeout)
+            .field("batch_max_bytes", &self.batch_max_bytes)
             .field("prefetch", &self.prefetch())
             .field("max_message_bytes", &self.max_message_bytes)
             .field("consumer_tag", &self.consumer_tag)
@@ -305,6 +312,9 @@ impl Config {
     builder!(
         /// `BATCH_TIMEOUT_MS`: a batch is written at most this long after its first message.
         with_batch_timeout, batch_timeout: Duration);
+    builder!(
+        /// `BATCH_MAX_BYTES`: a batch is also written once it holds this many bytes.
+        with_batch_max_bytes, batch_max_bytes: usize);
     builder!(
         /// `MAX_MESSAGE_BYTES`: bodies above this are dead-lettered without being parsed.
         with_max_message_bytes, max_message_bytes: usize);
@@ -534,6 +544,9 @@ impl Config {
                 "must be at least RETRY_INITIAL_BACKOFF_MS",
             ));
         }
+        if self.batch_max_bytes == 0 {
+            return Err(Error::setting("BATCH_MAX_BYTES", "must be at least 1"));
+        }
         if self.max_message_bytes == 0 {
             return Err(Error::setting("MAX_MESSAGE_BYTES", "must be at least 1"));
         }
@@ -581,6 +594,7 @@ impl Config {
         }
         env.parse("BATCH_SIZE", &mut c.batch_size)?;
         env.millis("BATCH_TIMEOUT_MS", &mut c.batch_timeout)?;
+        env.parse("BATCH_MAX_BYTES", &mut c.batch_max_bytes)?;
         if let Some(prefetch) = env.get("PREFETCH_COUNT") {
             c.prefetch = Some(parse("PREFETCH_COUNT", &prefetch)?);
         }

@@ -171,8 +171,8 @@ impl Session {
         );
         let end = loop {
             let deadline = batch.deadline(config.batch_timeout);
-            let due =
-                batch.len() >= config.batch_size || deadline.is_some_and(|d| d <= Instant::now());
+            let full = batch.is_full(config.batch_size, config.batch_max_bytes);
+            let due = full || deadline.is_some_and(|d| d <= Instant::now());
             if in_flight.is_none() && due {
                 let full = std::mem::replace(&mut batch, Batch::with_capacity(config.batch_size));
                 log::debug!(
@@ -186,7 +186,7 @@ impl Session {
                 ));
                 continue;
             }
-            let receiving = batch.len() < config.batch_size;
+            let receiving = !full;
             let flush_timer = deadline.filter(|_| in_flight.is_none());
             tokio::select! {
                 biased;
