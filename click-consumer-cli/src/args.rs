@@ -55,6 +55,8 @@ settings! {
     clickhouse_port: "CLICKHOUSE_PORT" = defaults::CLICKHOUSE_PORT;
     /// Full ClickHouse URL (http:// or https://); overrides host and port.
     clickhouse_url: "CLICKHOUSE_URL";
+    /// PEM file of a private CA for https:// [default: Mozilla's roots, built in].
+    clickhouse_ca_file: "CLICKHOUSE_CA_FILE";
     /// Database, created if missing.
     clickhouse_database: "CLICKHOUSE_DATABASE" = defaults::CLICKHOUSE_DATABASE;
     /// Table, created if missing.

@@ -160,6 +160,7 @@ pub struct Config {
     pub(crate) dead_letter_queue: Option<String>,
     pub(crate) dead_letter_enabled: bool,
     pub(crate) clickhouse_url: Option<String>,
+    pub(crate) clickhouse_ca_file: Option<PathBuf>,
     pub(crate) clickhouse_host: String,
     pub(crate) clickhouse_port: u16,
     pub(crate) clickhouse_database: String,
@@ -197,6 +198,7 @@ impl Default for Config {
             dead_letter_queue: None,
             dead_letter_enabled: true,
             clickhouse_url: None,
+            clickhouse_ca_file: None,
             clickhouse_host: CLICKHOUSE_HOST.to_owned(),
             clickhouse_port: CLICKHOUSE_PORT,
             clickhouse_database: CLICKHOUSE_DATABASE.to_owned(),
@@ -234,6 +236,7 @@ impl fmt::Debug for Config {
             .field("routing_key", &self.routing_key())
             .field("dead_letter_queue", &self.dead_letter_queue())
             .field("clickhouse_url", &redact_url(&self.clickhouse_url()))
+            .field("clickhouse_ca_file", &self.clickhouse_ca_file)
             .field("clickhouse_database", &self.clickhouse_database)
             .field("clickhouse_table", &self.clickhouse_table)
             .field("clickhouse_table_engine", &self.clickhouse_table_engine)
@@ -373,22 +376,20 @@ impl Config {
 
     /// The PEM of `RABBITMQ_CA_FILE`, if set.
     pub(crate) fn rabbitmq_ca_pem(&self) -> Result<Option<String>> {
-        let Some(path) = &self.rabbitmq_ca_file else {
-            return Ok(None);
-        };
-        let pem = std::fs::read_to_string(path).map_err(|e| {
-            Error::setting(
-                "RABBITMQ_CA_FILE",
-                format!("cannot read {}: {e}", path.display()),
-            )
-        })?;
-        if !pem.contains("-----BEGIN CERTIFICATE-----") {
-            return Err(Error::setting(
-                "RABBITMQ_CA_FILE",
-                format!("{} holds no PEM certificate", path.display()),
-            ));
-        }
-        Ok(Some(pem))
+        read_ca("RABBITMQ_CA_FILE", self.rabbitmq_ca_file.as_ref())
+    }
+
+    /// `CLICKHOUSE_CA_FILE`: PEM file of the CA that signed ClickHouse's certificate,
+    /// for `https://` with a private CA (by default Mozilla's roots, built into the
+    /// binary, are trusted).
+    pub fn with_clickhouse_ca_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.clickhouse_ca_file = Some(path.into());
+        self
+    }
+
+    /// The PEM of `CLICKHOUSE_CA_FILE`, if set.
+    pub(crate) fn clickhouse_ca_pem(&self) -> Result<Option<String>> {
+        read_ca("CLICKHOUSE_CA_FILE", self.clickhouse_ca_file.as_ref())
     }
 
     /// `CLICKHOUSE_TABLE_ENGINE`: the engine clause of the table created when missing,
@@ -478,6 +479,7 @@ impl Config {
     pub fn validate(&self) -> Result<()> {
         crate::broker::parse_url(&self.rabbitmq_url)?;
         self.rabbitmq_ca_pem()?;
+        self.clickhouse_ca_pem()?;
         non_empty("RABBITMQ_EXCHANGE", &self.exchange)?;
         amqp_name("RABBITMQ_QUEUE", &self.queue)?;
         amqp_name("RABBITMQ_EXCHANGE", &self.exchange)?;
@@ -582,6 +584,7 @@ impl Config {
         c.dead_letter_queue = env.get("DEAD_LETTER_QUEUE");
         env.parse("DEAD_LETTER_ENABLED", &mut c.dead_letter_enabled)?;
         c.clickhouse_url = env.get("CLICKHOUSE_URL");
+        c.clickhouse_ca_file = env.get("CLICKHOUSE_CA_FILE").map(PathBuf::from);
         env.set("CLICKHOUSE_HOST", &mut c.clickhouse_host);
         env.parse("CLICKHOUSE_PORT", &mut c.clickhouse_port)?;
         env.set("CLICKHOUSE_DATABASE", &mut c.clickhouse_database);
@@ -742,6 +745,22 @@ pub(crate) fn identifier(name: &'static str, value: &str) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// Reads a CA file setting: readable, and holding a PEM certificate.
+fn read_ca(name: &'static str, path: Option<&PathBuf>) -> Result<Option<String>> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(path)
+        .map_err(|e| Error::setting(name, format!("cannot read {}: {e}", path.display())))?;
+    if !pem.contains("-----BEGIN CERTIFICATE-----") {
+        return Err(Error::setting(
+            name,
+            format!("{} holds no PEM certificate", path.display()),
+        ));
+    }
+    Ok(Some(pem))
 }
 
 /// An engine clause: a name and optional arguments, no statement separators, comments

@@ -74,7 +74,7 @@ impl Consumer {
         };
         Ok(Consumer {
             shared: Shared {
-                store: Store::new(&config),
+                store: Store::new(&config)?,
                 config: Arc::new(config),
                 metrics: Arc::new(Metrics::new()),
                 consumer_tag,

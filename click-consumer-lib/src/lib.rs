@@ -57,6 +57,7 @@ mod secret;
 mod session;
 mod store;
 mod timestamp;
+mod tls;
 
 pub use commit::CommitReport;
 pub use config::{Config, ExchangeType, QueueType};

@@ -55,11 +55,17 @@ struct Column {
 }
 
 impl Store {
-    pub(crate) fn new(config: &Config) -> Self {
+    /// # Errors
+    /// [`Error::InvalidSetting`] if `CLICKHOUSE_CA_FILE` holds no usable certificate.
+    pub(crate) fn new(config: &Config) -> Result<Self> {
         let url = config.clickhouse_url();
+        let client = match config.clickhouse_ca_pem()? {
+            Some(pem) => crate::tls::client_trusting(&pem)?,
+            None => Client::default(),
+        };
         // Schema validation runs `DESCRIBE` with a setting ClickHouse 18.16 refuses; we
         // check the table ourselves at start-up instead (see `check_table`).
-        let client = Client::default()
+        let client = client
             .with_url(&url)
             .with_user(&config.clickhouse_user)
             .with_password(config.clickhouse_password.expose())
@@ -75,7 +81,7 @@ impl Store {
             .clickhouse_cluster
             .as_ref()
             .map_or_else(String::new, |cluster| format!("ON CLUSTER {cluster}"));
-        Store {
+        Ok(Store {
             client,
             url,
             database,
@@ -83,7 +89,7 @@ impl Store {
             engine: config.clickhouse_table_engine.clone(),
             on_cluster,
             insert_sql,
-        }
+        })
     }
 
     pub(crate) fn url(&self) -> &str {
@@ -351,7 +357,8 @@ mod tests {
             &Config::default()
                 .with_clickhouse_database("db1")
                 .with_clickhouse_table("t1"),
-        );
+        )
+        .unwrap();
         let ddl = store.table_ddl();
         assert!(
             ddl.starts_with("CREATE TABLE IF NOT EXISTS db1.t1"),
@@ -366,7 +373,8 @@ mod tests {
                 .with_clickhouse_table_engine(
                     "ReplicatedMergeTree('/clickhouse/tables/{shard}/t', '{replica}')",
                 ),
-        );
+        )
+        .unwrap();
         let ddl = clustered.table_ddl();
         assert!(
             ddl.contains("url_shortener.click_events ON CLUSTER analytics"),

@@ -35,6 +35,8 @@ pub struct ClickHouse {
     binary: PathBuf,
     http_port: u16,
     tcp_port: u16,
+    /// The HTTPS port, for a server started with [`ClickHouse::start_with_tls`].
+    https_port: Option<u16>,
     server: ServerProcess,
 }
 
@@ -60,6 +62,40 @@ impl ClickHouse {
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// Starts a server that also serves HTTPS, with a certificate for `localhost` signed
+    /// by a private CA made for it (with the `openssl` command); [`ClickHouse::ca_file`]
+    /// is that CA.
+    ///
+    /// # Panics
+    /// As [`ClickHouse::start`], or if `openssl` fails.
+    pub fn start_with_tls() -> ClickHouse {
+        let binary = find_program("clickhouse-server")
+            .unwrap_or_else(|| panic!("clickhouse-server is not installed: {INSTALL_HINT}"));
+        let mut server = ClickHouse::prepare(binary);
+        let [https_port] = free_ports();
+        server.https_port = Some(https_port);
+        crate::tls::make_certificates(server.dir());
+        server.write_config();
+        if let Err(failure) = server.boot() {
+            server.fail("start with TLS", &failure);
+        }
+        server
+    }
+
+    /// `https://localhost:{https port}` of a server started with
+    /// [`ClickHouse::start_with_tls`].
+    pub fn https_url(&self) -> String {
+        let port = self
+            .https_port
+            .expect("the server was started with start_with_tls");
+        format!("https://localhost:{port}")
+    }
+
+    /// The PEM of the CA that signed the HTTPS certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir().join("ca.pem")
     }
 
     /// The HTTP port on 127.0.0.1.
@@ -149,6 +185,7 @@ impl ClickHouse {
             binary,
             http_port,
             tcp_port,
+            https_port: None,
             server: ServerProcess::new("clickhouse-server"),
         };
         server.write_config();
@@ -161,7 +198,18 @@ impl ClickHouse {
 
     fn write_config(&self) {
         let dir = self.dir().display().to_string();
-        let config = config_xml(&dir, self.http_port, self.tcp_port);
+        let mut config = config_xml(&dir, self.http_port, self.tcp_port);
+        if let Some(https_port) = self.https_port {
+            let tls = format!(
+                "    <https_port>{https_port}</https_port>\n    <openSSL><server>\n        \
+                 <certificateFile>{dir}/server.pem</certificateFile>\n        \
+                 <privateKeyFile>{dir}/server.key</privateKeyFile>\n        \
+                 <verificationMode>none</verificationMode>\n        \
+                 <loadDefaultCAFile>false</loadDefaultCAFile>\n        \
+                 <disableProtocols>sslv2,sslv3</disableProtocols>\n    </server></openSSL>\n</yandex>"
+            );
+            config = config.replace("</yandex>", &tls);
+        }
         fs::write(self.config_path(), config)
             .unwrap_or_else(|err| panic!("cannot write the ClickHouse config in {dir}: {err}"));
     }

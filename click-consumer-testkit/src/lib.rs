@@ -34,6 +34,7 @@ mod ports;
 mod process;
 mod rabbitmq;
 mod rabbitmq_home;
+mod tls;
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -88,6 +88,8 @@ pub struct RabbitMq {
     home: Option<(PathBuf, PathBuf)>,
     node: String,
     amqp_port: u16,
+    /// The `amqps://` port, for a broker started with [`RabbitMq::start_with_tls`].
+    tls_port: Option<u16>,
     dist_port: u16,
     epmd_port: u16,
     epmd: ServerProcess,
@@ -114,6 +116,47 @@ impl RabbitMq {
             }
         }
         unreachable!("the last attempt either returns or panics")
+    }
+
+    /// Starts a broker that also listens for `amqps://` with a certificate for
+    /// `localhost` signed by a private CA made for it (with the `openssl` command);
+    /// [`RabbitMq::ca_file`] is that CA.
+    ///
+    /// # Panics
+    /// As [`RabbitMq::start`], or if `openssl` fails.
+    pub fn start_with_tls() -> RabbitMq {
+        let install = Install::find();
+        let mut broker = RabbitMq::prepare(install);
+        let [tls_port] = free_ports();
+        broker.tls_port = Some(tls_port);
+        crate::tls::make_certificates(broker.dir());
+        let dir = broker.dir().display().to_string();
+        let config = format!(
+            "listeners.tcp.1 = 127.0.0.1:{}\nlisteners.ssl.1 = 127.0.0.1:{tls_port}\n\
+             ssl_options.cacertfile = {dir}/ca.pem\nssl_options.certfile = {dir}/server.pem\n\
+             ssl_options.keyfile = {dir}/server.key\nssl_options.verify = verify_none\n\
+             ssl_options.fail_if_no_peer_cert = false\nlog.console = false\nlog.file.level = info\n",
+            broker.amqp_port
+        );
+        broker.write("rabbitmq.conf", &config);
+        if let Err(failure) = broker.boot() {
+            broker.fail("start with TLS", &failure);
+        }
+        broker
+    }
+
+    /// `amqps://guest:guest@localhost:{tls port}/%2f` of a broker started with
+    /// [`RabbitMq::start_with_tls`].
+    pub fn amqps_url(&self) -> String {
+        let port = self
+            .tls_port
+            .expect("the broker was started with start_with_tls");
+        format!("amqps://guest:guest@localhost:{port}/%2f")
+    }
+
+    /// The PEM of the CA that signed the `amqps://` certificate.
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir().join("ca.pem")
     }
 
     /// The AMQP URL for the default vhost: `amqp://guest:guest@127.0.0.1:{port}/%2f`.
@@ -243,6 +286,7 @@ impl RabbitMq {
             home,
             node: format!("rabbit-testkit-{amqp_port}@localhost"),
             amqp_port,
+            tls_port: None,
             dist_port,
             epmd_port,
             epmd: ServerProcess::new("epmd"),

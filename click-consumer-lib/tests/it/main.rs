@@ -7,4 +7,5 @@ mod consume;
 mod faults;
 mod publisher;
 mod schema;
+mod tls;
 mod topology;
