@@ -41,6 +41,8 @@
 //! - [`Metrics`] and [`Summary`] (`metrics`).
 //! - [`Error`] (`error`), [`Secret`] (`secret`).
 
+#![warn(missing_docs)]
+
 mod backoff;
 mod batch;
 mod broker;
