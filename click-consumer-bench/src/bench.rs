@@ -1,0 +1,119 @@
+//! A benchmark run from start to end: servers, the drain comparisons, the latency phase,
+//! the report and the JSON file.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use click_consumer::Config;
+use tokio::runtime::Runtime;
+
+use crate::cli::BenchArgs;
+use crate::drain::{self, Comparison};
+use crate::latency;
+use crate::machine::{Machine, RunDate};
+use crate::report::{self, Results};
+use crate::stack::{Broker, Servers};
+
+/// Everything the phases share.
+#[derive(Debug)]
+pub(crate) struct Bench {
+    pub(crate) args: BenchArgs,
+    pub(crate) runtime: Runtime,
+    pub(crate) servers: Servers,
+    pub(crate) broker: Broker,
+    pub(crate) consumer_binary: PathBuf,
+    /// This binary, for the reference consumer subcommand.
+    pub(crate) own_binary: PathBuf,
+    /// The consumer's default prefetch, which the reference uses too.
+    pub(crate) prefetch: u16,
+}
+
+impl Bench {
+    pub(crate) fn drain_timeout(&self) -> Duration {
+        Duration::from_secs(self.args.drain_timeout)
+    }
+}
+
+pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    check(args)?;
+    let own_binary = std::env::current_exe().context("cannot find this binary's path")?;
+    let consumer_binary = consumer_binary(args, &own_binary)?;
+    let date = RunDate::now();
+    eprintln!("click-consumer-bench: starting private RabbitMQ and ClickHouse ...");
+    let servers = Servers::start();
+    let runtime = Runtime::new().context("cannot start the async runtime")?;
+    let broker = runtime.block_on(Broker::connect(&servers.lapin_url()))?;
+    let bench = Bench {
+        args: args.clone(),
+        runtime,
+        servers,
+        broker,
+        consumer_binary,
+        own_binary,
+        prefetch: Config::default().prefetch(),
+    };
+    let machine = Machine::describe(&bench.servers);
+    let drains = drains(&bench)?;
+    let latency = if args.skip_latency {
+        None
+    } else {
+        eprintln!(
+            "latency: {} msg/s for {} s ...",
+            args.latency_rate, args.latency_seconds
+        );
+        Some(latency::measure(&bench)?)
+    };
+    let results = Results::new(&bench, date, machine, drains, latency);
+    report::print(&results);
+    let path = report::write(&results, args.output.as_deref())?;
+    eprintln!(
+        "click-consumer-bench: results written to {}",
+        path.display()
+    );
+    let Bench {
+        runtime, broker, ..
+    } = bench;
+    runtime.block_on(broker.close());
+    Ok(())
+}
+
+fn check(args: &BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.messages > 0, "--messages must be at least 1");
+    anyhow::ensure!(args.repeats > 0, "--repeats must be at least 1");
+    anyhow::ensure!(
+        args.skip_latency || (args.latency_rate > 0 && args.latency_seconds > 0),
+        "--latency-rate and --latency-seconds must be at least 1"
+    );
+    Ok(())
+}
+
+/// `--consumer`, or `click-consumer` beside this binary (both are in target/release).
+fn consumer_binary(args: &BenchArgs, own_binary: &Path) -> anyhow::Result<PathBuf> {
+    let path = match &args.consumer {
+        Some(path) => path.clone(),
+        None => own_binary.with_file_name("click-consumer"),
+    };
+    if !path.is_file() {
+        bail!(
+            "no click-consumer binary at {} (build it with scripts/build-release.sh, or pass --consumer)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+fn drains(bench: &Bench) -> anyhow::Result<Vec<Comparison>> {
+    let repeats = bench.args.repeats;
+    (1..=repeats)
+        .map(|repeat| {
+            eprintln!(
+                "drain {repeat}/{repeats}: {} messages per consumer",
+                bench.args.messages
+            );
+            drain::compare(bench, repeat)
+        })
+        .collect()
+}

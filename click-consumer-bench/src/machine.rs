@@ -1,0 +1,89 @@
+//! What the results were measured on: the machine, the date, the commit, the servers.
+
+use std::{fs, process::Command};
+
+use serde::Serialize;
+
+use crate::stack::Servers;
+use crate::time::Utc;
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct Machine {
+    pub(crate) nproc: usize,
+    pub(crate) cpu_model: String,
+    pub(crate) memory_gib: f64,
+    pub(crate) kernel: String,
+    pub(crate) rabbitmq: String,
+    pub(crate) clickhouse: String,
+}
+
+impl Machine {
+    pub(crate) fn describe(servers: &Servers) -> Machine {
+        Machine {
+            nproc: std::thread::available_parallelism().map_or(0, usize::from),
+            cpu_model: cpu_model().unwrap_or_else(|| "unknown".to_owned()),
+            memory_gib: memory_kib().map_or(f64::NAN, |kib| kib as f64 / 1024.0 / 1024.0),
+            kernel: read_trimmed("/proc/sys/kernel/osrelease")
+                .unwrap_or_else(|| "unknown".to_owned()),
+            rabbitmq: servers.rabbitmq_version(),
+            clickhouse: servers.clickhouse_version(),
+        }
+    }
+}
+
+/// The date of a run, in UTC.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RunDate {
+    pub(crate) utc: String,
+    /// For file names.
+    pub(crate) compact: String,
+}
+
+impl RunDate {
+    pub(crate) fn now() -> RunDate {
+        let now = Utc::now();
+        RunDate {
+            utc: now.rfc3339(),
+            compact: now.compact(),
+        }
+    }
+}
+
+/// `git rev-parse --short HEAD`; `None` outside a git checkout or without git.
+pub(crate) fn git_commit() -> Option<String> {
+    run("git", &["rev-parse", "--short", "HEAD"]).filter(|head| !head.is_empty())
+}
+
+/// `--version` of a binary.
+pub(crate) fn version_of(binary: &std::path::Path) -> Option<String> {
+    run(binary.to_str()?, &["--version"])
+}
+
+fn run(program: &str, args: &[&str]) -> Option<String> {
+    let output = Command::new(program).args(args).output().ok()?;
+    output
+        .status
+        .success()
+        .then(|| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+fn cpu_model() -> Option<String> {
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").ok()?;
+    cpuinfo
+        .lines()
+        .find(|line| line.starts_with("model name"))
+        .and_then(|line| line.split_once(':'))
+        .map(|(_, model)| model.trim().to_owned())
+}
+
+fn memory_kib() -> Option<u64> {
+    let meminfo = fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+}
+
+fn read_trimmed(path: &str) -> Option<String> {
+    fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
+}
