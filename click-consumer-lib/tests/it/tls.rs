@@ -7,6 +7,21 @@ use click_consumer_testkit::RabbitMq;
 
 use crate::common::*;
 
+/// Runs a consumer that must fail start-up on an untrusted certificate.
+async fn refused_certificate(config: click_consumer::Config) -> Error {
+    let error = Consumer::new(config)
+        .unwrap()
+        .run(std::future::pending())
+        .await
+        .expect_err("an unknown CA is refused");
+    let chain = format!("{error:?}");
+    assert!(
+        chain.to_lowercase().contains("certificate") || chain.contains("UnknownIssuer"),
+        "the error says it is the certificate: {chain}"
+    );
+    error
+}
+
 #[tokio::test]
 async fn amqps_with_a_private_ca_and_verification_by_default() {
     let broker = tokio::task::spawn_blocking(RabbitMq::start_with_tls)
@@ -25,19 +40,10 @@ async fn amqps_with_a_private_ca_and_verification_by_default() {
     let untrusted = config(&names)
         .with_rabbitmq_url(broker.amqps_url())
         .with_startup_timeout(Duration::from_secs(1));
-    let error = Consumer::new(untrusted)
-        .unwrap()
-        .run(std::future::pending())
-        .await
-        .expect_err("an unknown CA is refused");
+    let error = refused_certificate(untrusted).await;
     assert!(
         matches!(error, Error::BrokerUnreachable { .. }),
         "{error:?}"
-    );
-    let chain = format!("{error:?}");
-    assert!(
-        chain.to_lowercase().contains("certificate") || chain.contains("UnknownIssuer"),
-        "{chain}"
     );
     tokio::task::spawn_blocking(move || drop(broker))
         .await
@@ -71,19 +77,10 @@ async fn https_to_clickhouse_with_a_private_ca_and_verification_by_default() {
     let untrusted = config(&names)
         .with_clickhouse_url(clickhouse.https_url())
         .with_startup_timeout(Duration::from_secs(1));
-    let error = Consumer::new(untrusted)
-        .unwrap()
-        .run(std::future::pending())
-        .await
-        .expect_err("an unknown CA is refused");
+    let error = refused_certificate(untrusted).await;
     assert!(
         matches!(error, Error::ClickHouseUnreachable { .. }),
         "{error:?}"
-    );
-    let chain = format!("{error:?}");
-    assert!(
-        chain.to_lowercase().contains("certificate") || chain.contains("UnknownIssuer"),
-        "{chain}"
     );
     tokio::task::spawn_blocking(move || drop(clickhouse))
         .await
