@@ -2,6 +2,15 @@
 
 use std::time::Duration;
 
+/// The AMQP client's error (lapin), carried as the source of broker errors. Re-exported
+/// deliberately, so that callers can inspect it without depending on lapin themselves;
+/// lapin's major version is part of this crate's API.
+pub use lapin::Error as AmqpError;
+
+/// The ClickHouse client's error (the `clickhouse` crate), carried as the source of
+/// ClickHouse errors; re-exported for the same reason as [`AmqpError`].
+pub use clickhouse::error::Error as ClickHouseError;
+
 /// What can stop a [`Consumer`](crate::Consumer) or a [`ClickPublisher`](crate::ClickPublisher).
 ///
 /// Faults the consumer rides out by itself (a ClickHouse outage, a broker restart) are
@@ -30,7 +39,7 @@ pub enum Error {
         waited: Duration,
         /// The last error seen.
         #[source]
-        source: lapin::Error,
+        source: AmqpError,
     },
 
     /// The broker refused a declaration because the exchange or queue already exists with
@@ -52,7 +61,7 @@ pub enum Error {
         context: String,
         /// The client's error.
         #[source]
-        source: lapin::Error,
+        source: AmqpError,
     },
 
     /// ClickHouse could not be reached within the start-up window.
@@ -64,7 +73,7 @@ pub enum Error {
         waited: Duration,
         /// The last error seen.
         #[source]
-        source: clickhouse::error::Error,
+        source: ClickHouseError,
     },
 
     /// ClickHouse refused a statement in a way retrying cannot fix (authentication,
@@ -75,7 +84,7 @@ pub enum Error {
         context: String,
         /// The client's error.
         #[source]
-        source: clickhouse::error::Error,
+        source: ClickHouseError,
     },
 
     /// The table exists but its columns do not match what the consumer writes.

@@ -65,7 +65,7 @@ pub use commit::CommitReport;
 pub use config::{Config, ExchangeType, QueueType};
 pub use consumer::Consumer;
 pub use dead_letter::headers as dead_letter_headers;
-pub use error::{Error, Result};
+pub use error::{AmqpError, ClickHouseError, Error, Result};
 pub use event::{ClickEvent, InvalidKind, InvalidMessage};
 pub use metrics::{Metrics, Summary};
 pub use publisher::ClickPublisher;
