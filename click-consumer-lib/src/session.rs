@@ -313,11 +313,11 @@ impl Session {
         let pending = batch.len();
         let committer = self.committer.clone();
         let work = async move {
-            if let Some(task) = in_flight {
-                match task.await {
-                    Ok(Outcome::Committed) => {}
-                    Ok(other) => return end_of(other),
-                    Err(e) => return End::BrokerLost(format!("commit task failed: {e}")),
+            let mut in_flight = in_flight;
+            if in_flight.is_some() {
+                match join(&mut in_flight).await {
+                    Outcome::Committed => {}
+                    other => return end_of(other),
                 }
             }
             if batch.is_empty() {
