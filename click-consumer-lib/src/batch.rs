@@ -1,20 +1,29 @@
-//! A batch: the encoded rows of the messages received since the last flush, the
-//! deliveries they came from, and the dead letters waiting for the broker's confirm.
-//! It is flushed when full or when its oldest message has waited `BATCH_TIMEOUT_MS`.
+//! A batch: the encoded rows of the messages received since the last flush, and per row
+//! only what a refused row needs to be dead-lettered (its delivery tag, body and origin).
+//! It is flushed when full or when its oldest row has waited `BATCH_TIMEOUT_MS`.
+//!
+//! Invalid messages are not part of a batch: they go to the dead-letter outbox as soon
+//! as they are decoded.
 
-use std::ops::Range;
+use std::{ops::Range, sync::Arc};
 
 use bytes::Bytes;
-use lapin::{PublisherConfirm, message::Delivery};
 use tokio::time::Instant;
 
+use crate::dead_letter::Origin;
 use crate::event::InvalidMessage;
 
-/// A dead letter published to the dead-letter queue, not yet confirmed by the broker.
+/// Where a row came from.
 #[derive(Debug)]
-pub(crate) struct PendingDeadLetter {
-    pub(crate) delivery_tag: u64,
-    pub(crate) confirm: PublisherConfirm,
+pub(crate) struct Source {
+    pub(crate) tag: u64,
+    /// Where the row's message body ends in the batch's bodies.
+    body_end: usize,
+    /// Shared by consecutive messages with the same exchange, routing key and properties.
+    pub(crate) origin: Arc<Origin>,
+    /// When the click was published (the AMQP `timestamp` property) or, without one,
+    /// happened (the event's `timestamp`), in Unix seconds: for the latency histogram.
+    pub(crate) sent_at: u32,
 }
 
 #[derive(Debug, Default)]
@@ -23,39 +32,21 @@ pub(crate) struct Batch {
     rows: Vec<u8>,
     /// Where each row ends in `rows`.
     row_ends: Vec<usize>,
-    /// The delivery of each row, kept to dead-letter a row ClickHouse refuses.
-    deliveries: Vec<Delivery>,
-    dead_letters: Vec<PendingDeadLetter>,
-    /// Every unsettled message of the batch has a tag at most this (0: none); the batch
-    /// is acknowledged with one `basic.ack(last_tag, multiple)`.
-    last_tag: u64,
-    messages: usize,
-    /// Bytes held: encoded rows plus the bodies kept for dead-lettering.
-    bytes: usize,
+    /// The message bodies, back to back, kept to dead-letter a row ClickHouse refuses.
+    bodies: Vec<u8>,
+    sources: Vec<Source>,
     opened_at: Option<Instant>,
 }
 
 impl Batch {
     pub(crate) fn with_capacity(rows: usize) -> Self {
         Batch {
-            rows: Vec::with_capacity(rows * 256),
+            rows: Vec::with_capacity(rows * 192),
             row_ends: Vec::with_capacity(rows),
-            deliveries: Vec::with_capacity(rows),
-            ..Batch::default()
+            bodies: Vec::with_capacity(rows * 256),
+            sources: Vec::with_capacity(rows),
+            opened_at: None,
         }
-    }
-
-    fn note(&mut self, delivery_tag: u64) {
-        self.opened_at.get_or_insert_with(Instant::now);
-        self.last_tag = self.last_tag.max(delivery_tag);
-        self.messages += 1;
-    }
-
-    /// Adds a message that was settled already (rejected without requeue). Its tag is
-    /// not the batch's to acknowledge: acking a settled tag is a channel error.
-    pub(crate) fn push_settled(&mut self) {
-        self.opened_at.get_or_insert_with(Instant::now);
-        self.messages += 1;
     }
 
     /// Where the next row is encoded; [`Batch::push_row`] then records it.
@@ -63,42 +54,46 @@ impl Batch {
         &mut self.rows
     }
 
-    /// Records the row just encoded into [`Batch::row_buffer`] and its delivery.
-    pub(crate) fn push_row(&mut self, delivery: Delivery) {
-        self.note(delivery.delivery_tag);
-        let row_start = self.row_ends.last().copied().unwrap_or(0);
-        self.bytes += self.rows.len() - row_start + delivery.data.len();
+    /// Records the row just encoded into [`Batch::row_buffer`], with its message's body
+    /// and origin. `origin` is shared with the previous row when they are equal.
+    pub(crate) fn push_row(&mut self, tag: u64, body: &[u8], origin: Origin, sent_at: u32) {
+        self.opened_at.get_or_insert_with(Instant::now);
+        self.bodies.extend_from_slice(body);
+        let origin = match self.sources.last() {
+            Some(last) if *last.origin == origin => last.origin.clone(),
+            _ => Arc::new(origin),
+        };
         self.row_ends.push(self.rows.len());
-        self.deliveries.push(delivery);
+        self.sources.push(Source {
+            tag,
+            body_end: self.bodies.len(),
+            origin,
+            sent_at,
+        });
     }
 
-    /// Adds a message that was dead-lettered (its confirm is awaited before the ack).
-    pub(crate) fn push_dead_letter(&mut self, pending: PendingDeadLetter) {
-        self.note(pending.delivery_tag);
-        self.dead_letters.push(pending);
-    }
-
-    /// Rows to insert.
-    pub(crate) fn row_count(&self) -> usize {
-        self.row_ends.len()
-    }
-
-    /// Messages in the batch (rows and dead letters).
+    /// Rows in the batch.
     pub(crate) fn len(&self) -> usize {
-        self.messages
-    }
-
-    /// Whether the batch must be written now: `max_rows` messages or `max_bytes` held.
-    pub(crate) fn is_full(&self, max_rows: usize, max_bytes: usize) -> bool {
-        self.messages >= max_rows || self.bytes >= max_bytes
+        self.sources.len()
     }
 
     pub(crate) fn is_empty(&self) -> bool {
-        self.messages == 0
+        self.sources.is_empty()
     }
 
+    /// Bytes held: encoded rows plus the bodies kept for dead-lettering.
+    pub(crate) fn bytes(&self) -> usize {
+        self.rows.len() + self.bodies.len()
+    }
+
+    /// Whether the batch must be written now: `max_rows` rows or `max_bytes` held.
+    pub(crate) fn is_full(&self, max_rows: usize, max_bytes: usize) -> bool {
+        self.len() >= max_rows || self.bytes() >= max_bytes
+    }
+
+    /// The highest delivery tag in the batch (0 when empty).
     pub(crate) fn last_tag(&self) -> u64 {
-        self.last_tag
+        self.sources.last().map_or(0, |s| s.tag)
     }
 
     /// When the batch must be flushed at the latest.
@@ -106,20 +101,13 @@ impl Batch {
         self.opened_at.map(|at| at + timeout)
     }
 
-    /// Takes the dead letters out of a batch that will not be committed.
-    pub(crate) fn take_dead_letters(&mut self) -> Vec<PendingDeadLetter> {
-        std::mem::take(&mut self.dead_letters)
-    }
-
     /// Splits the batch into what the committer needs.
     pub(crate) fn into_parts(self) -> BatchParts {
         BatchParts {
             rows: Bytes::from(self.rows),
             row_ends: self.row_ends,
-            deliveries: self.deliveries,
-            dead_letters: self.dead_letters,
-            last_tag: self.last_tag,
-            messages: self.messages,
+            bodies: self.bodies,
+            sources: self.sources,
         }
     }
 }
@@ -129,27 +117,41 @@ impl Batch {
 pub(crate) struct BatchParts {
     pub(crate) rows: Bytes,
     pub(crate) row_ends: Vec<usize>,
-    pub(crate) deliveries: Vec<Delivery>,
-    pub(crate) dead_letters: Vec<PendingDeadLetter>,
-    pub(crate) last_tag: u64,
-    pub(crate) messages: usize,
+    bodies: Vec<u8>,
+    pub(crate) sources: Vec<Source>,
 }
 
 impl BatchParts {
     /// The RowBinary bytes of rows `range`.
     pub(crate) fn rows_bytes(&self, range: Range<usize>) -> Bytes {
-        let start = if range.start == 0 {
-            0
-        } else {
-            self.row_ends[range.start - 1]
-        };
-        let end = if range.end == 0 {
-            0
-        } else {
-            self.row_ends[range.end - 1]
-        };
-        self.rows.slice(start..end)
+        self.rows.slice(span(&self.row_ends, range))
     }
+
+    /// The message body of row `index`.
+    pub(crate) fn body(&self, index: usize) -> &[u8] {
+        let start = if index == 0 {
+            0
+        } else {
+            self.sources[index - 1].body_end
+        };
+        &self.bodies[start..self.sources[index].body_end]
+    }
+
+    /// Rows in the batch.
+    pub(crate) fn len(&self) -> usize {
+        self.sources.len()
+    }
+
+    /// The highest delivery tag (0 when empty).
+    pub(crate) fn last_tag(&self) -> u64 {
+        self.sources.last().map_or(0, |s| s.tag)
+    }
+}
+
+/// The byte range of items `range` of a buffer whose item ends are `ends`.
+fn span(ends: &[usize], range: Range<usize>) -> Range<usize> {
+    let at = |i: usize| if i == 0 { 0 } else { ends[i - 1] };
+    at(range.start)..at(range.end)
 }
 
 /// A row of the batch that ClickHouse refused.
@@ -163,29 +165,35 @@ pub(crate) struct RefusedRow {
 mod tests {
     use super::*;
     use crate::event::Row;
+    use lapin::{BasicProperties, types::ShortString};
 
-    fn row(short_code: &str) -> Vec<u8> {
+    fn body(short_code: &str) -> Vec<u8> {
         format!(r#"{{"short_code":"{short_code}","timestamp":"2024-01-15T10:30:00Z"}}"#)
             .into_bytes()
     }
 
+    fn origin(key: &str) -> Origin {
+        Origin {
+            exchange: ShortString::from("url_shortener"),
+            routing_key: ShortString::from(key),
+            properties: BasicProperties::default(),
+        }
+    }
+
     #[test]
-    fn row_ranges_slice_the_encoded_buffer() {
-        let bodies = [row("a"), row("bb"), row("ccc")];
+    fn rows_and_bodies_are_sliced_back_out() {
+        let bodies = [body("a"), body("bb"), body("ccc")];
         let mut batch = Batch::default();
         let mut expected = Vec::new();
-        for body in &bodies {
+        for (i, body) in bodies.iter().enumerate() {
             let decoded = Row::decode(body, 1 << 20).unwrap();
             let mut one = Vec::new();
             decoded.encode(&mut one);
             expected.push(one);
-            let mut buf = Vec::new();
-            decoded.encode(&mut buf);
-            batch.rows.extend_from_slice(&buf);
-            batch.row_ends.push(batch.rows.len());
-            batch.note(expected.len() as u64);
+            decoded.encode(batch.row_buffer());
+            let key = if i == 2 { "other" } else { "click_events" };
+            batch.push_row(i as u64 + 1, body, origin(key), 0);
         }
-        assert_eq!(batch.row_count(), 3);
         assert_eq!(batch.len(), 3);
         assert_eq!(batch.last_tag(), 3);
         let parts = batch.into_parts();
@@ -196,10 +204,18 @@ mod tests {
         );
         assert_eq!(parts.rows_bytes(0..3).len(), parts.rows.len());
         assert!(parts.rows_bytes(0..0).is_empty());
+        for (i, body) in bodies.iter().enumerate() {
+            assert_eq!(parts.body(i), body.as_slice(), "body of row {i}");
+        }
+        assert!(
+            Arc::ptr_eq(&parts.sources[0].origin, &parts.sources[1].origin),
+            "equal origins are shared"
+        );
+        assert_eq!(parts.sources[2].origin.routing_key.as_str(), "other");
     }
 
     #[tokio::test(start_paused = true)]
-    async fn deadline_runs_from_the_first_message() {
+    async fn deadline_runs_from_the_first_row() {
         let timeout = std::time::Duration::from_millis(500);
         let mut batch = Batch::default();
         assert_eq!(
@@ -208,18 +224,12 @@ mod tests {
             "an empty batch has no deadline"
         );
         let start = Instant::now();
-        batch.push_settled();
+        batch.push_row(1, b"{}", origin("k"), 0);
         tokio::time::advance(std::time::Duration::from_millis(300)).await;
-        batch.push_settled();
+        batch.push_row(2, b"{}", origin("k"), 0);
         assert_eq!(batch.deadline(timeout), Some(start + timeout));
-        assert_eq!(
-            batch.last_tag(),
-            0,
-            "settled messages are not acknowledged again"
-        );
-        assert_eq!(batch.len(), 2);
-        assert_eq!(batch.row_count(), 0);
         assert!(batch.is_full(2, usize::MAX), "full by count");
         assert!(!batch.is_full(3, usize::MAX));
+        assert!(batch.is_full(3, 4), "full by bytes: two bodies of 2 bytes");
     }
 }

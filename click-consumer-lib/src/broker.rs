@@ -46,14 +46,19 @@ pub(crate) fn parse_url(url: &str) -> Result<AMQPUri> {
 
 /// Opens a connection, giving up after `timeout` (a black-holed host would otherwise hang
 /// for the TCP timeout).
+///
+/// `purpose` goes into the connection's name (`<consumer tag> (<purpose>)`), as shown in
+/// the management UI: the consumer opens one connection to consume and one to publish
+/// dead letters.
 pub(crate) async fn connect(
     config: &Config,
     timeout: Duration,
+    purpose: &str,
 ) -> Result<Connection, lapin::Error> {
     let uri = parse_url(&config.rabbitmq_url)
         .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
-    let properties = ConnectionProperties::default()
-        .with_connection_name(LongString::from(config.consumer_tag()));
+    let name = format!("{} ({purpose})", config.consumer_tag());
+    let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let tls = OwnedTLSConfig {
         identity: None,
         cert_chain: config

@@ -1,28 +1,31 @@
 //! Committing a flushed batch: INSERT (retried with backoff while ClickHouse is failing,
-//! split to find the rows it refuses), dead-letter refused rows, wait for every dead
-//! letter's confirm, then acknowledge the whole batch with one multiple-ack.
+//! split to find the rows it refuses), hand refused rows to the dead-letter outbox, then
+//! acknowledge the stored rows (see `ack` for how few frames that takes).
 //!
 //! A message is acknowledged only after its row is committed in ClickHouse or its copy
-//! is confirmed in the dead-letter queue.
+//! is confirmed in the dead-letter queue; the outbox acknowledges the latter itself, so
+//! stored rows never wait for dead letters (which a blocked broker may hold back).
 
 use std::{
     ops::Range,
     sync::Arc,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use lapin::{
-    Channel,
-    options::{BasicAckOptions, BasicNackOptions},
-};
-
+use crate::ack::{Acker, Settle};
 use crate::backoff::Backoff;
-use crate::batch::{BatchParts, PendingDeadLetter, RefusedRow};
-use crate::dead_letter::{self, DeadLetters, Sent};
+use crate::batch::{BatchParts, RefusedRow};
+use crate::dead_letter::DeadLetters;
 use crate::error::Error;
 use crate::event::{InvalidKind, InvalidMessage};
 use crate::metrics::Metrics;
 use crate::store::{InsertFailure, Store};
+
+/// The most INSERTs spent looking for the rows ClickHouse refuses in one batch.
+const SEARCH_MAX_INSERTS: usize = 200;
+/// The longest the search for refused rows may take. With the release limit, this keeps
+/// a batch's messages well below RabbitMQ's `consumer_timeout` (30 min by default).
+const SEARCH_MAX_TIME: Duration = Duration::from_secs(120);
 
 /// What a consumer reports to an [`on_commit`](crate::Consumer::on_commit) hook after
 /// each acknowledged batch.
@@ -31,7 +34,7 @@ use crate::store::{InsertFailure, Store};
 pub struct CommitReport {
     /// Rows committed to ClickHouse by this batch.
     pub rows: usize,
-    /// Messages of this batch that were dead-lettered.
+    /// Rows of this batch that ClickHouse refused and that went to the dead-letter queue.
     pub dead_lettered: usize,
     /// Time spent in INSERTs, retries included.
     pub insert_duration: Duration,
@@ -43,15 +46,12 @@ pub(crate) type CommitHook = Arc<dyn Fn(&CommitReport) + Send + Sync>;
 /// How a commit ended.
 #[derive(Debug)]
 pub(crate) enum Outcome {
-    /// Stored (or dead-lettered) and acknowledged.
+    /// Stored (or handed to the dead-letter outbox) and acknowledged.
     Committed,
     /// ClickHouse kept failing for `INSERT_RELEASE_AFTER_MS`: the messages were handed
     /// back to the queue.
     Released,
-    /// A dead letter was not confirmed (the dead-letter queue is gone?): the originals
-    /// went back to the queue, the rest was acknowledged; the topology needs declaring.
-    DeadLetterRefused,
-    /// The channel failed while publishing or acknowledging.
+    /// The channel failed while acknowledging.
     BrokerLost(lapin::Error),
     /// Going on would loop or lose data.
     Fatal(Error),
@@ -62,7 +62,7 @@ pub(crate) enum Outcome {
 pub(crate) struct Committer {
     pub(crate) store: Store,
     pub(crate) dead_letters: DeadLetters,
-    pub(crate) consume: Channel,
+    pub(crate) acker: Acker,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) initial_backoff: Duration,
     pub(crate) max_backoff: Duration,
@@ -84,6 +84,25 @@ enum Stop {
     Give(Outcome),
 }
 
+/// Counts a batch that is stored but whose acknowledgement never happened (the commit
+/// failed or was abandoned after the INSERT): its rows come back and are stored again.
+struct StoredNotAcked<'a> {
+    metrics: &'a Metrics,
+    rows: usize,
+}
+
+impl Drop for StoredNotAcked<'_> {
+    fn drop(&mut self) {
+        if self.rows > 0 {
+            self.metrics.duplicate_risk.inc();
+            log::warn!(
+                "{} rows were stored but not acknowledged: RabbitMQ will redeliver them and they may be stored again (this batch only)",
+                self.rows
+            );
+        }
+    }
+}
+
 impl Committer {
     pub(crate) async fn commit(self, batch: BatchParts) -> Outcome {
         let started = Instant::now();
@@ -93,79 +112,104 @@ impl Committer {
             Err(outcome) => return outcome,
         };
         let insert_duration = started.elapsed();
-        let stored = batch.row_ends.len() - refused.len();
-        let mut dead_letters = batch.dead_letters;
-        let mut tags: Vec<u64> = batch.deliveries.iter().map(|d| d.delivery_tag).collect();
-        tags.extend(dead_letters.iter().map(|p| p.delivery_tag));
-        for row in refused {
-            let delivery = &batch.deliveries[row.index];
+        let stored = batch.len() - refused.len();
+        let mut guard = StoredNotAcked {
+            metrics: &self.metrics,
+            rows: stored,
+        };
+        let mut is_refused = vec![false; batch.len()];
+        for row in &refused {
+            is_refused[row.index] = true;
+            let source = &batch.sources[row.index];
             log::debug!(
                 "delivery {}: dead-lettered ({}): {}",
-                delivery.delivery_tag,
+                source.tag,
                 row.reason.kind().as_str(),
                 row.reason
             );
-            self.metrics.dead_lettered(row.reason.kind());
-            match self.dead_letters.send(delivery, &row.reason).await {
-                Ok(Sent::Pending(pending)) => dead_letters.push(pending),
-                Ok(Sent::Rejected) => tags.retain(|t| *t != delivery.delivery_tag),
-                Err(e) => return Outcome::BrokerLost(e),
+            let body = batch.body(row.index).to_vec();
+            if let Err(e) = self
+                .dead_letters
+                .send(source.tag, body, &source.origin, &row.reason)
+                .await
+            {
+                return Outcome::BrokerLost(e);
             }
         }
-        let dead_lettered = dead_letters.len();
-        let unconfirmed = match confirm_all(dead_letters).await {
-            Ok(unconfirmed) => unconfirmed,
-            Err(e) => return Outcome::BrokerLost(e),
-        };
-        let outcome = if unconfirmed.is_empty() {
-            self.ack_all(batch.last_tag, stored).await
-        } else {
-            self.ack_except(&tags, &unconfirmed).await
-        };
-        if matches!(outcome, Outcome::Committed) {
-            self.metrics.unacked.dec_by(batch.messages as i64);
-            log::debug!(
-                "batch committed: {stored} rows stored, {dead_lettered} dead-lettered, acked up to delivery tag {} in {:?}",
-                batch.last_tag,
-                started.elapsed()
-            );
-            if let Some(hook) = &self.on_commit {
-                hook(&CommitReport {
-                    rows: stored,
-                    dead_lettered,
-                    insert_duration,
-                });
+        let tags: Vec<u64> = batch
+            .sources
+            .iter()
+            .zip(&is_refused)
+            .filter(|(_, refused)| !**refused)
+            .map(|(source, _)| source.tag)
+            .collect();
+        if let Err(e) = self.acker.settle(&tags, Settle::Ack).await {
+            return Outcome::BrokerLost(e);
+        }
+        guard.rows = 0;
+        self.observe_latency(&batch, &is_refused);
+        log::debug!(
+            "batch committed: {stored} rows stored, {} refused and dead-lettered, acked up to delivery tag {} in {:?}",
+            refused.len(),
+            batch.last_tag(),
+            started.elapsed()
+        );
+        if let Some(hook) = &self.on_commit {
+            hook(&CommitReport {
+                rows: stored,
+                dead_lettered: refused.len(),
+                insert_duration,
+            });
+        }
+        Outcome::Committed
+    }
+
+    /// Publish (or event) time to commit, for every stored row.
+    fn observe_latency(&self, batch: &BatchParts, is_refused: &[bool]) {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs_f64();
+        for (source, refused) in batch.sources.iter().zip(is_refused) {
+            if !refused && source.sent_at > 0 {
+                self.metrics
+                    .end_to_end_seconds
+                    .observe((now - f64::from(source.sent_at)).max(0.0));
             }
         }
-        outcome
     }
 
     /// Inserts every row; on a refusal, halves the range until the refused rows are
-    /// found. Returns the refused rows.
+    /// found, within a budget of INSERTs and time. Returns the refused rows.
     async fn insert_all(&self, batch: &BatchParts) -> Result<Vec<RefusedRow>, Outcome> {
         let mut refused = Vec::new();
-        let whole: Range<usize> = 0..batch.row_ends.len();
+        let whole: Range<usize> = 0..batch.len();
         let mut todo = vec![whole];
-        let mut table_checked = false;
+        let mut search: Option<(Instant, usize)> = None;
         while let Some(range) = todo.pop() {
             if range.is_empty() {
                 continue;
+            }
+            if let Some((since, inserts)) = &mut search {
+                if *inserts >= SEARCH_MAX_INSERTS || since.elapsed() >= SEARCH_MAX_TIME {
+                    give_up_search(&mut refused, range, &todo, *inserts, since.elapsed());
+                    return Ok(refused);
+                }
+                *inserts += 1;
             }
             match self.insert_retrying(batch, range.clone()).await {
                 Ok(()) => {}
                 Err(Stop::Give(outcome)) => return Err(outcome),
                 Err(Stop::Refused(error)) => {
-                    // A refusal caused by the table itself (altered under us) must stop
-                    // the consumer, not dead-letter every row.
-                    if !table_checked {
-                        if let Err(e) = self.store.check_table().await {
-                            return Err(Outcome::Fatal(e));
-                        }
-                        table_checked = true;
+                    if search.is_none() {
+                        // A refusal caused by the table itself (altered under us) must
+                        // stop the consumer, not dead-letter every row.
+                        self.check_table().await?;
                         log::warn!(
                             "ClickHouse refused {} rows ({error}); looking for the refused rows",
                             range.len()
                         );
+                        search = Some((Instant::now(), 0));
                     }
                     if range.len() == 1 {
                         refused.push(RefusedRow {
@@ -186,15 +230,46 @@ impl Committer {
         Ok(refused)
     }
 
-    /// One range's INSERT, retried with backoff while ClickHouse fails transiently.
+    /// The table check after a refusal, retried while ClickHouse fails transiently.
+    async fn check_table(&self) -> Result<(), Outcome> {
+        let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
+        let since = Instant::now();
+        loop {
+            match self.store.check_table().await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && since.elapsed() < self.release_after => {
+                    let delay = backoff.next_delay();
+                    log::warn!(
+                        "cannot check the table after a refused INSERT: {e}; retrying in {delay:?}"
+                    );
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) if e.is_transient() => return Err(Outcome::Released),
+                Err(e) => return Err(Outcome::Fatal(e)),
+            }
+        }
+    }
+
+    /// One range's INSERT, retried with backoff while ClickHouse fails transiently. Every
+    /// retry sends the identical block, so ClickHouse can drop it if an earlier attempt
+    /// was committed after all (see [`Store::insert`]).
     async fn insert_retrying(&self, batch: &BatchParts, range: Range<usize>) -> Result<(), Stop> {
         let rows = batch.rows_bytes(range.clone());
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let failing_since = Instant::now();
+        let mut ambiguous = false;
         loop {
             let attempt = Instant::now();
             match self.store.insert(rows.clone()).await {
                 Ok(()) => {
+                    if ambiguous && !self.store.deduplicates() {
+                        self.metrics.insert_retries_not_deduplicated.inc();
+                        log::warn!(
+                            "an earlier attempt of this INSERT of {} rows may have been committed too, and {} does not deduplicate retries: its rows may be stored twice",
+                            range.len(),
+                            self.store.qualified_table()
+                        );
+                    }
                     self.metrics.inserted(range.len(), attempt.elapsed());
                     self.metrics.set_clickhouse_up(true);
                     return Ok(());
@@ -205,6 +280,7 @@ impl Committer {
                     return Err(Stop::Give(Outcome::Fatal(Error::clickhouse(context, e))));
                 }
                 Err(InsertFailure::Transient(e)) => {
+                    ambiguous |= crate::store::is_ambiguous(&e);
                     self.metrics.set_clickhouse_up(false);
                     if failing_since.elapsed() >= self.release_after {
                         log::error!(
@@ -226,110 +302,70 @@ impl Committer {
         }
     }
 
-    async fn ack_all(&self, last_tag: u64, stored: usize) -> Outcome {
-        if last_tag == 0 {
-            return Outcome::Committed; // every message was settled already
-        }
-        match self
-            .consume
-            .basic_ack(last_tag, BasicAckOptions { multiple: true })
-            .await
-        {
-            Ok(()) => Outcome::Committed,
-            Err(e) => {
-                if stored > 0 {
-                    self.metrics.duplicate_risk.inc();
-                    log::warn!(
-                        "{stored} rows were stored but their acknowledgement failed ({e}): RabbitMQ will redeliver them and they will be stored again (this batch only)"
-                    );
-                }
-                Outcome::BrokerLost(e)
+    /// Hands a batch's rows back to the queue after a long ClickHouse outage. Messages in
+    /// the dead-letter outbox are not the batch's: they are settled when their copies are.
+    async fn release(self, batch: BatchParts) -> Outcome {
+        let tags: Vec<u64> = batch.sources.iter().map(|s| s.tag).collect();
+        match self.acker.settle(&tags, Settle::Requeue).await {
+            Ok(released) => {
+                self.metrics.released.inc_by(released as u64);
+                Outcome::Released
             }
+            Err(e) => Outcome::BrokerLost(e),
         }
-    }
-
-    /// Acks each tag alone, except the unconfirmed dead letters, which are requeued.
-    async fn ack_except(&self, tags: &[u64], unconfirmed: &[u64]) -> Outcome {
-        log::warn!(
-            "{} dead letters were not confirmed by the broker (is the dead-letter queue gone?): requeueing their originals",
-            unconfirmed.len()
-        );
-        for &tag in tags {
-            let result = if unconfirmed.contains(&tag) {
-                let requeue = BasicNackOptions {
-                    multiple: false,
-                    requeue: true,
-                };
-                self.consume.basic_nack(tag, requeue).await
-            } else {
-                self.consume
-                    .basic_ack(tag, BasicAckOptions::default())
-                    .await
-            };
-            if let Err(e) = result {
-                return Outcome::BrokerLost(e);
-            }
-        }
-        self.metrics.unacked.dec_by(tags.len() as i64);
-        Outcome::DeadLetterRefused
-    }
-
-    /// Acknowledges, one by one, the originals of the dead letters the broker confirmed,
-    /// for messages whose batch will not be committed: their copies are safe, so they
-    /// must not come back and be dead-lettered twice. Returns how many were acked.
-    pub(crate) async fn settle_dead_letters(
-        &self,
-        pending: Vec<PendingDeadLetter>,
-    ) -> Result<usize, lapin::Error> {
-        let mut acked = 0;
-        for dead_letter in pending {
-            let tag = dead_letter.delivery_tag;
-            if let Ok(true) = dead_letter::confirmed(dead_letter).await {
-                self.consume
-                    .basic_ack(tag, BasicAckOptions::default())
-                    .await?;
-                acked += 1;
-            }
-        }
-        self.metrics.unacked.dec_by(acked as i64);
-        Ok(acked)
-    }
-
-    /// Hands a batch back to the queue after a long ClickHouse outage. Dead letters that
-    /// are confirmed are acknowledged first so they are not dead-lettered twice.
-    async fn release(self, mut batch: BatchParts) -> Outcome {
-        let dead_letters = batch.dead_letters.len();
-        let pending = std::mem::take(&mut batch.dead_letters);
-        let settled = match self.settle_dead_letters(pending).await {
-            Ok(settled) => settled,
-            Err(e) => return Outcome::BrokerLost(e),
-        };
-        let requeue = BasicNackOptions {
-            multiple: true,
-            requeue: true,
-        };
-        if batch.last_tag > 0
-            && let Err(e) = self.consume.basic_nack(batch.last_tag, requeue).await
-        {
-            return Outcome::BrokerLost(e);
-        }
-        let released = batch.deliveries.len() + dead_letters - settled;
-        self.metrics.released.inc_by(released as u64);
-        self.metrics
-            .unacked
-            .dec_by((batch.messages - settled) as i64);
-        Outcome::Released
     }
 }
 
-/// Waits for every dead letter's confirm; returns the tags of those not confirmed.
-async fn confirm_all(pending: Vec<PendingDeadLetter>) -> Result<Vec<u64>, lapin::Error> {
-    let mut unconfirmed = Vec::new();
-    for dead_letter in pending {
-        let tag = dead_letter.delivery_tag;
-        if !dead_letter::confirmed(dead_letter).await? {
-            unconfirmed.push(tag);
+/// The search for refused rows ran out of budget: every row not yet inserted is refused.
+fn give_up_search(
+    refused: &mut Vec<RefusedRow>,
+    current: Range<usize>,
+    todo: &[Range<usize>],
+    inserts: usize,
+    took: Duration,
+) {
+    let ranges = std::iter::once(current).chain(todo.iter().cloned());
+    let mut rows = 0;
+    for range in ranges {
+        for index in range {
+            rows += 1;
+            refused.push(RefusedRow {
+                index,
+                reason: InvalidMessage::new(
+                    InvalidKind::RejectedByClickHouse,
+                    format!(
+                        "ClickHouse refused rows of this batch and the search for them stopped after {inserts} INSERTs in {took:?}; this row was not inserted"
+                    ),
+                ),
+            });
         }
     }
-    Ok(unconfirmed)
+    log::warn!(
+        "the search for refused rows ran out of budget ({inserts} INSERTs, {took:?}): {rows} rows not yet inserted are dead-lettered"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_search_refuses_every_row_left() {
+        let mut refused = Vec::new();
+        give_up_search(
+            &mut refused,
+            4..6,
+            &[8..10, 6..8],
+            200,
+            Duration::from_secs(1),
+        );
+        let mut rows: Vec<usize> = refused.iter().map(|r| r.index).collect();
+        rows.sort_unstable();
+        assert_eq!(rows, vec![4, 5, 6, 7, 8, 9]);
+        assert!(
+            refused
+                .iter()
+                .all(|r| r.reason.kind() == InvalidKind::RejectedByClickHouse)
+        );
+    }
 }

@@ -23,6 +23,9 @@ use crate::store::{Severity, Store, severity};
 
 /// Longest a single connection attempt may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A session that lasted this long resets the reconnect backoff; one that fails sooner
+/// (a broker that accepts connections, then drops them) keeps backing off.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 
 /// Consumers created in this process, to give each a distinct default tag.
 static CREATED: AtomicUsize = AtomicUsize::new(0);
@@ -152,7 +155,7 @@ impl Consumer {
         // Until the first session opens, the start-up window applies; after a loss,
         // the reconnect limit, counted from the loss.
         let mut retrying_since = (started, config.startup_timeout);
-        let mut connected_before = false;
+        let mut last_end: Option<&'static str> = None;
         loop {
             if stop.is_cancelled() {
                 return Ok(self.finish());
@@ -180,45 +183,56 @@ impl Consumer {
                     continue;
                 }
             };
-            backoff.reset();
-            if connected_before {
-                metrics.reconnects.inc();
-                log::info!(
-                    "reconnected to RabbitMQ; consuming from `{}` again",
-                    config.queue
-                );
-            } else {
-                log::info!(
-                    "consuming from `{}` as `{}` (prefetch {}, batches of {} rows or {:?})",
-                    config.queue,
-                    self.shared.consumer_tag,
-                    config.prefetch(),
-                    config.batch_size,
-                    config.batch_timeout
-                );
+            match last_end {
+                Some("lost") => {
+                    metrics.reconnects.inc();
+                    log::info!(
+                        "reconnected to RabbitMQ; consuming from `{}` again",
+                        config.queue
+                    );
+                }
+                Some(_) => log::info!("consuming from `{}` again", config.queue),
+                None => {
+                    log::info!(
+                        "consuming from `{}` as `{}` (prefetch {}, batches of {} rows or {:?})",
+                        config.queue,
+                        self.shared.consumer_tag,
+                        config.prefetch(),
+                        config.batch_size,
+                        config.batch_timeout
+                    );
+                }
             }
-            connected_before = true;
             metrics.set_broker_up(true);
+            let opened = Instant::now();
             let end = session.run(&stop, &mut stats).await;
             metrics.set_broker_up(false);
             metrics.unacked.set(0);
-            match end {
+            if opened.elapsed() >= HEALTHY_SESSION {
+                backoff.reset();
+            }
+            last_end = Some(match end {
                 End::Shutdown => return Ok(self.finish()),
                 End::Fatal(e) => return Err(e),
                 End::BrokerLost(reason) => {
                     log::warn!("lost the RabbitMQ session: {reason}; reconnecting");
-                    retrying_since = (Instant::now(), config.reconnect_limit);
+                    "lost"
                 }
                 End::Redeclare => {
+                    metrics.redeclares.inc();
                     log::warn!("declaring the topology again");
-                    retrying_since = (Instant::now(), config.reconnect_limit);
+                    "redeclare"
                 }
                 End::ClickHouseDown => {
+                    metrics.clickhouse_pauses.inc();
                     if !self.wait_for_clickhouse(&stop).await {
                         return Ok(self.finish());
                     }
+                    "pause"
                 }
-            }
+            });
+            // Whatever ended the session, the broker gets RECONNECT_LIMIT_MS from now.
+            retrying_since = (Instant::now(), config.reconnect_limit);
         }
     }
 
@@ -293,8 +307,8 @@ impl Consumer {
         Ok(true)
     }
 
-    /// After a release: polls ClickHouse with backoff until it answers. `false` when
-    /// stopped meanwhile.
+    /// After a release: probes ClickHouse with a write (see `Store::write_probe`), with
+    /// backoff, until it succeeds. `false` when stopped meanwhile.
     async fn wait_for_clickhouse(&self, stop: &CancellationToken) -> bool {
         let config = &self.shared.config;
         let mut backoff = Backoff::new(config.retry_initial_backoff, config.retry_max_backoff);
@@ -304,9 +318,9 @@ impl Consumer {
             if !sleep_or_stop(delay, stop).await {
                 return false;
             }
-            match self.shared.store.ping().await {
+            match self.shared.store.write_probe().await {
                 Ok(()) => {
-                    log::info!("ClickHouse answers again: resuming consumption");
+                    log::info!("ClickHouse takes writes again: resuming consumption");
                     self.shared.metrics.set_clickhouse_up(true);
                     return true;
                 }

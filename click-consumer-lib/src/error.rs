@@ -121,6 +121,12 @@ impl Error {
             source,
         }
     }
+
+    /// A ClickHouse error that retrying may fix (down, overloaded, timed out).
+    pub(crate) fn is_transient(&self) -> bool {
+        matches!(self, Error::ClickHouse { source, .. }
+            if crate::store::severity(source) == crate::store::Severity::Transient)
+    }
 }
 
 #[cfg(test)]

@@ -43,6 +43,7 @@
 
 #![warn(missing_docs)]
 
+mod ack;
 mod backoff;
 mod batch;
 mod broker;

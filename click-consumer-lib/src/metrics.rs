@@ -26,6 +26,15 @@ pub(crate) struct ReasonLabel {
     reason: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabel {
+    state: &'static str,
+}
+
+/// The states of the broker connection, as the `state` label of
+/// `click_consumer_broker_connection_state` (exactly one is 1).
+const BROKER_STATES: [&str; 3] = ["connected", "blocked", "reconnecting"];
+
 /// Live metrics of a [`Consumer`](crate::Consumer). Cheap to share (`Arc`); every field
 /// is updated as the consumer works.
 ///
@@ -42,13 +51,21 @@ pub struct Metrics {
     pub(crate) insert_retries: Counter,
     pub(crate) released: Counter,
     pub(crate) reconnects: Counter,
+    pub(crate) clickhouse_pauses: Counter,
+    pub(crate) redeclares: Counter,
     pub(crate) duplicate_risk: Counter,
+    pub(crate) dead_letter_retries: Counter,
+    pub(crate) dead_letters_refused: Counter,
+    pub(crate) insert_retries_not_deduplicated: Counter,
+    pub(crate) end_to_end_seconds: Histogram,
+    broker_state: Family<StateLabel, Gauge>,
     pub(crate) batch_rows: Histogram,
     pub(crate) insert_seconds: Histogram,
     pub(crate) unacked: Gauge,
     pub(crate) queue_depth: Gauge,
     pub(crate) last_insert: Gauge<f64, AtomicU64>,
     broker_up: AtomicBool,
+    broker_blocked: AtomicBool,
     clickhouse_up: AtomicBool,
 }
 
@@ -71,16 +88,27 @@ impl Metrics {
             insert_retries: Counter::default(),
             released: Counter::default(),
             reconnects: Counter::default(),
+            clickhouse_pauses: Counter::default(),
+            redeclares: Counter::default(),
             duplicate_risk: Counter::default(),
+            dead_letter_retries: Counter::default(),
+            dead_letters_refused: Counter::default(),
+            insert_retries_not_deduplicated: Counter::default(),
+            end_to_end_seconds: Histogram::new([
+                0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            ]),
+            broker_state: Family::default(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             unacked: Gauge::default(),
             queue_depth: Gauge::default(),
             last_insert: Gauge::default(),
             broker_up: AtomicBool::new(false),
+            broker_blocked: AtomicBool::new(false),
             clickhouse_up: AtomicBool::new(false),
         };
         m.register();
+        m.set_broker_state();
         m
     }
 
@@ -123,13 +151,48 @@ impl Metrics {
         );
         r.register(
             "broker_reconnects",
-            "Reconnections to RabbitMQ after a lost connection",
+            "Reconnections to RabbitMQ after a lost connection (not pauses or redeclarations)",
             self.reconnects.clone(),
         );
         r.register(
+            "clickhouse_pauses",
+            "Pauses of consumption after a batch was released during a ClickHouse outage",
+            self.clickhouse_pauses.clone(),
+        );
+        r.register(
+            "topology_redeclarations",
+            "New sessions opened to declare the topology again (dead-letter queue gone)",
+            self.redeclares.clone(),
+        );
+        r.register(
             "unconfirmed_batches",
-            "Batches stored whose acknowledgement was lost: they come back as duplicates",
+            "Batches stored whose acknowledgement failed or was abandoned: they come back as duplicates",
             self.duplicate_risk.clone(),
+        );
+        r.register(
+            "dead_letter_retries",
+            "Dead-letter copies published again after their confirm was lost or timed out",
+            self.dead_letter_retries.clone(),
+        );
+        r.register(
+            "dead_letters_refused",
+            "Dead-letter copies returned or refused by RabbitMQ (originals requeued)",
+            self.dead_letters_refused.clone(),
+        );
+        r.register(
+            "insert_retries_not_deduplicated",
+            "INSERTs that succeeded after an attempt that may have been committed, into a table that does not deduplicate retries",
+            self.insert_retries_not_deduplicated.clone(),
+        );
+        r.register(
+            "end_to_end_latency_seconds",
+            "Time from publish (AMQP timestamp) or, without one, from the event's timestamp to the commit of its row",
+            self.end_to_end_seconds.clone(),
+        );
+        r.register(
+            "broker_connection_state",
+            "State of the RabbitMQ connection: connected, blocked (resource alarm) or reconnecting; 1 for the current state",
+            self.broker_state.clone(),
         );
         r.register("batch_rows", "Rows per INSERT", self.batch_rows.clone());
         r.register(
@@ -178,6 +241,33 @@ impl Metrics {
 
     pub(crate) fn set_broker_up(&self, up: bool) {
         self.broker_up.store(up, Ordering::Relaxed);
+        self.set_broker_state();
+    }
+
+    /// The dead-letter connection was blocked (resource alarm) or unblocked.
+    pub(crate) fn set_broker_blocked(&self, blocked: bool) {
+        self.broker_blocked.store(blocked, Ordering::Relaxed);
+        self.set_broker_state();
+    }
+
+    pub(crate) fn broker_blocked(&self) -> bool {
+        self.broker_blocked.load(Ordering::Relaxed)
+    }
+
+    fn set_broker_state(&self) {
+        let state = match (
+            self.broker_up.load(Ordering::Relaxed),
+            self.broker_blocked(),
+        ) {
+            (false, _) => "reconnecting",
+            (true, true) => "blocked",
+            (true, false) => "connected",
+        };
+        for name in BROKER_STATES {
+            self.broker_state
+                .get_or_create(&StateLabel { state: name })
+                .set(i64::from(name == state));
+        }
     }
 
     pub(crate) fn set_clickhouse_up(&self, up: bool) {

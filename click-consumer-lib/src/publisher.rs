@@ -61,7 +61,7 @@ impl ClickPublisher {
     /// exists with other properties.
     pub async fn connect(config: &Config) -> Result<Self> {
         config.validate()?;
-        let connection = broker::connect(config, CONNECT_TIMEOUT)
+        let connection = broker::connect(config, CONNECT_TIMEOUT, "publish")
             .await
             .map_err(|source| Error::BrokerUnreachable {
                 url: config.rabbitmq_url_redacted(),

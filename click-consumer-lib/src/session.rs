@@ -8,20 +8,18 @@ use futures_util::StreamExt;
 use lapin::{
     Channel, Connection,
     message::Delivery,
-    options::{
-        BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
-        QueueDeclareOptions,
-    },
+    options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
     types::{FieldTable, ShortString},
 };
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
+use crate::ack::Acker;
 use crate::batch::Batch;
 use crate::broker;
 use crate::commit::{Committer, Outcome};
 use crate::config::Config;
-use crate::dead_letter::{DeadLetters, Sent};
+use crate::dead_letter::{DeadLetters, Origin};
 use crate::error::Error;
 use crate::event::Row;
 use crate::metrics::{Metrics, StatsLog};
@@ -84,9 +82,12 @@ impl std::fmt::Debug for Shared {
 
 pub(crate) struct Session {
     shared: Shared,
+    /// The consuming connection. It never publishes, so a resource alarm never blocks it
+    /// (dead letters have a connection of their own).
     connection: Connection,
     consume: Channel,
     consumer: lapin::Consumer,
+    acker: Acker,
     dead_letters: DeadLetters,
     committer: Committer,
 }
@@ -106,7 +107,7 @@ impl Session {
         connect_timeout: Duration,
     ) -> Result<Session, OpenError> {
         let config = &shared.config;
-        let connection = broker::connect(config, connect_timeout).await?;
+        let connection = broker::connect(config, connect_timeout, "consume").await?;
         let consume = connection.create_channel().await?;
         broker::declare_topology(&consume, config)
             .await
@@ -119,10 +120,14 @@ impl Session {
         consume
             .basic_qos(config.prefetch(), BasicQosOptions::default())
             .await?;
-        let publish = connection.create_channel().await?;
-        publish
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        let acker = Acker::new(consume.clone(), shared.metrics.clone());
+        let dead_letters = DeadLetters::start(
+            config,
+            acker.clone(),
+            shared.metrics.clone(),
+            shared.consumer_tag.clone(),
+        )
+        .await?;
         let consumer = consume
             .basic_consume(
                 ShortString::from(config.queue.as_str()),
@@ -130,17 +135,18 @@ impl Session {
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
             )
-            .await?;
-        let dead_letters = DeadLetters::new(
-            publish,
-            consume.clone(),
-            config.dead_letter_queue(),
-            shared.consumer_tag.clone(),
-        );
+            .await;
+        let consumer = match consumer {
+            Ok(consumer) => consumer,
+            Err(e) => {
+                dead_letters.stop();
+                return Err(e.into());
+            }
+        };
         let committer = Committer {
             store: shared.store.clone(),
             dead_letters: dead_letters.clone(),
-            consume: consume.clone(),
+            acker: acker.clone(),
             metrics: shared.metrics.clone(),
             initial_backoff: config.retry_initial_backoff,
             max_backoff: config.retry_max_backoff,
@@ -152,6 +158,7 @@ impl Session {
             connection,
             consume,
             consumer,
+            acker,
             dead_letters,
             committer,
         })
@@ -159,8 +166,7 @@ impl Session {
 
     /// Consumes until `stop` is cancelled or something fails. While one batch is being
     /// committed the next one fills (the prefetch allows two), so inserting overlaps
-    /// consuming; commits themselves run one at a time, in delivery-tag order, which is
-    /// what makes a multiple-ack of a batch's last tag correct.
+    /// consuming; commits themselves run one at a time.
     pub(crate) async fn run(mut self, stop: &CancellationToken, stats: &mut StatsLog) -> End {
         let config = self.shared.config.clone();
         let mut batch = Batch::with_capacity(config.batch_size);
@@ -176,9 +182,9 @@ impl Session {
             if in_flight.is_none() && due {
                 let full = std::mem::replace(&mut batch, Batch::with_capacity(config.batch_size));
                 log::debug!(
-                    "flushing batch: {} rows, {} messages, up to delivery tag {}",
-                    full.row_count(),
+                    "flushing batch: {} rows ({} bytes), up to delivery tag {}",
                     full.len(),
+                    full.bytes(),
                     full.last_tag()
                 );
                 in_flight = Some(tokio::spawn(
@@ -200,6 +206,7 @@ impl Session {
                         other => break end_of(other),
                     }
                 }
+                () = self.dead_letters.refused() => break End::Redeclare,
                 () = sleep_until(flush_timer) => {}
                 _ = stats_tick.tick() => {
                     self.refresh_queue_depth().await;
@@ -221,76 +228,80 @@ impl Session {
         if let Some(task) = in_flight {
             task.abort();
         }
-        self.settle_dead_letters(&mut batch).await;
+        self.settle_dead_letters().await;
         self.close().await;
         end
     }
 
-    /// The batch being filled will not be committed: its messages return to the queue
-    /// when the channel closes, except the dead letters whose copies are confirmed,
-    /// which are acknowledged so they are not dead-lettered twice.
-    async fn settle_dead_letters(&self, batch: &mut Batch) {
-        let pending = batch.take_dead_letters();
-        if pending.is_empty() {
-            return;
+    /// The session is ending: gives the dead letters in flight a moment to be confirmed
+    /// (their originals are then acknowledged, so they are not dead-lettered twice), then
+    /// stops the outbox. Originals whose copies are not confirmed return to the queue.
+    async fn settle_dead_letters(&self) {
+        let pending = self.dead_letters.pending();
+        if pending > 0
+            && tokio::time::timeout(Duration::from_secs(2), self.dead_letters.idle())
+                .await
+                .is_err()
+        {
+            log::debug!(
+                "{} dead letters were not confirmed before the session ended: their originals return to the queue",
+                self.dead_letters.pending()
+            );
         }
-        let settle = self.committer.settle_dead_letters(pending);
-        match tokio::time::timeout(Duration::from_secs(2), settle).await {
-            Ok(Ok(acked)) => {
-                log::debug!("acknowledged {acked} confirmed dead letters of the unflushed batch")
-            }
-            Ok(Err(e)) => {
-                log::debug!("could not acknowledge the unflushed batch's dead letters: {e}")
-            }
-            Err(_) => log::debug!("acknowledging the unflushed batch's dead letters timed out"),
-        }
+        self.dead_letters.stop();
     }
 
     /// Decodes one delivery into the batch, or dead-letters it.
     async fn accept(&self, delivery: Delivery, batch: &mut Batch) -> Result<(), lapin::Error> {
         let metrics = &self.shared.metrics;
+        let Delivery {
+            delivery_tag: tag,
+            exchange,
+            routing_key,
+            redelivered,
+            properties,
+            data: body,
+            ..
+        } = delivery;
         metrics.received.inc();
-        metrics.unacked.inc();
-        let tag = delivery.delivery_tag;
-        if delivery.redelivered {
+        if redelivered {
             metrics.redelivered.inc();
         }
+        self.acker.received(tag).await;
+        let origin = Origin {
+            exchange,
+            routing_key,
+            properties,
+        };
         let max_bytes = self.shared.config.max_message_bytes;
-        // Decode from the body taken out of the delivery, so the row can be encoded
-        // straight into the batch and the delivery moved in after it.
-        let mut delivery = delivery;
-        let body = std::mem::take(&mut delivery.data);
+        // The row is encoded straight into the batch.
         let decoded = Row::decode(&body, max_bytes).map(|row| {
             log::debug!(
                 "delivery {tag}{}: short_code {:?}, timestamp {}",
-                if delivery.redelivered {
-                    " (redelivered)"
-                } else {
-                    ""
-                },
+                if redelivered { " (redelivered)" } else { "" },
                 row.short_code,
                 row.timestamp
             );
             row.encode(batch.row_buffer());
+            row.timestamp
         });
-        delivery.data = body;
-        let invalid = match decoded {
-            Ok(()) => {
-                batch.push_row(delivery);
-                return Ok(());
+        match decoded {
+            Ok(event_time) => {
+                let published = origin
+                    .properties
+                    .timestamp()
+                    .and_then(|t| u32::try_from(t).ok());
+                batch.push_row(tag, &body, origin, published.unwrap_or(event_time));
+                Ok(())
             }
-            Err(invalid) => invalid,
-        };
-        log::debug!(
-            "delivery {tag}: dead-lettered ({}): {invalid}",
-            invalid.kind().as_str()
-        );
-        metrics.dead_lettered(invalid.kind());
-        match self.dead_letters.send(&delivery, &invalid).await? {
-            Sent::Pending(pending) => batch.push_dead_letter(pending),
-            Sent::Rejected => batch.push_settled(),
+            Err(invalid) => {
+                log::debug!(
+                    "delivery {tag}: dead-lettered ({}): {invalid}",
+                    invalid.kind().as_str()
+                );
+                self.dead_letters.send(tag, body, &origin, &invalid).await
+            }
         }
-        Ok(())
     }
 
     /// On shutdown: stop deliveries, finish the commit in flight, commit what is buffered,
@@ -312,6 +323,7 @@ impl Session {
         let abort = in_flight.as_ref().map(JoinHandle::abort_handle);
         let pending = batch.len();
         let committer = self.committer.clone();
+        let dead_letters = self.dead_letters.clone();
         let work = async move {
             let mut in_flight = in_flight;
             if in_flight.is_some() {
@@ -320,13 +332,15 @@ impl Session {
                     other => return end_of(other),
                 }
             }
-            if batch.is_empty() {
-                return End::Shutdown;
+            if !batch.is_empty() {
+                match committer.commit(batch.into_parts()).await {
+                    Outcome::Committed => {}
+                    other => return end_of(other),
+                }
             }
-            match committer.commit(batch.into_parts()).await {
-                Outcome::Committed => End::Shutdown,
-                other => end_of(other),
-            }
+            // Dead letters settle their originals themselves: wait for them too.
+            dead_letters.idle().await;
+            End::Shutdown
         };
         match tokio::time::timeout_at(deadline, work).await {
             Ok(End::Shutdown) => {
@@ -402,7 +416,6 @@ fn end_of(outcome: Outcome) -> End {
     match outcome {
         Outcome::Committed => End::Shutdown,
         Outcome::Released => End::ClickHouseDown,
-        Outcome::DeadLetterRefused => End::Redeclare,
         Outcome::BrokerLost(e) => End::BrokerLost(e.to_string()),
         Outcome::Fatal(e) => End::Fatal(e),
     }

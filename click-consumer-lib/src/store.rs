@@ -1,6 +1,13 @@
 //! ClickHouse: the schema at start-up, and INSERTs of pre-encoded RowBinary batches.
 
-use std::time::Duration;
+use std::{
+    hash::{BuildHasher, Hasher},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use clickhouse::{Client, Row, error::Error as ChError};
@@ -15,6 +22,8 @@ const TABLE_DDL: &str = include_str!("../../schema/click_events.sql");
 
 /// Longest an INSERT may take before it counts as failed (and is retried).
 const INSERT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest any other statement may take (version, DDL, table check, probes).
+const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How ClickHouse failed an INSERT, which decides what the consumer does next.
 #[derive(Debug)]
@@ -37,6 +46,18 @@ pub(crate) struct Store {
     engine: String,
     on_cluster: String,
     insert_sql: String,
+    /// What the server and the table offer against storing a retried INSERT twice.
+    dedup: Arc<Dedup>,
+}
+
+/// Learnt at start-up from the server and the table.
+#[derive(Debug, Default)]
+struct Dedup {
+    /// The server knows `insert_deduplication_token` (22.2 and later).
+    token: AtomicBool,
+    /// The table drops a block identical to one already inserted: Replicated* engines
+    /// (`insert_deduplicate`, on by default).
+    table: AtomicBool,
 }
 
 impl std::fmt::Debug for Store {
@@ -89,6 +110,7 @@ impl Store {
             engine: config.clickhouse_table_engine.clone(),
             on_cluster,
             insert_sql,
+            dedup: Arc::default(),
         })
     }
 
@@ -100,17 +122,64 @@ impl Store {
         format!("{}.{}", self.database, self.table)
     }
 
-    /// One cheap round trip.
-    pub(crate) async fn ping(&self) -> Result<(), ChError> {
-        self.client.query("SELECT 1").execute().await
+    /// A write that stores nothing: an INSERT of zero rows into the table. Unlike
+    /// `SELECT 1` it fails when the table cannot be written: a read-only user or replica,
+    /// too many parts, an exceeded quota. (A full disk only shows on a real write.)
+    pub(crate) async fn write_probe(&self) -> Result<(), ChError> {
+        let sql = format!(
+            "INSERT INTO {} (short_code) SELECT '' WHERE 0",
+            self.qualified_table()
+        );
+        timed(self.client.query(&sql).execute()).await
     }
 
     /// The server's version, for the start-up log.
     pub(crate) async fn version(&self) -> Result<String, ChError> {
-        self.client
-            .query("SELECT version()")
-            .fetch_one::<String>()
-            .await
+        timed(self.client.query("SELECT version()").fetch_one::<String>()).await
+    }
+
+    /// Whether a retried INSERT of an identical block is dropped by ClickHouse when an
+    /// earlier attempt was committed after all.
+    pub(crate) fn deduplicates(&self) -> bool {
+        self.dedup.table.load(Ordering::Relaxed)
+    }
+
+    /// Learns what the server and the table offer against duplicate retries.
+    async fn learn_dedup(&self) -> Result<(), ChError> {
+        let token = timed(
+            self.client
+                .query(
+                    "SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'",
+                )
+                .fetch_one::<u64>(),
+        )
+        .await?;
+        let engine = timed(
+            self.client
+                .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
+                .bind(&self.database)
+                .bind(&self.table)
+                .fetch_all::<String>(),
+        )
+        .await?;
+        let replicated = engine.first().is_some_and(|e| e.starts_with("Replicated"));
+        self.dedup.token.store(token > 0, Ordering::Relaxed);
+        self.dedup.table.store(replicated, Ordering::Relaxed);
+        log::info!(
+            "retried INSERTs: {} ({} engine{})",
+            if replicated {
+                "an identical retried block is dropped by ClickHouse"
+            } else {
+                "NOT deduplicated: an INSERT that timed out but was committed is stored again when retried"
+            },
+            engine.first().map_or("unknown", String::as_str),
+            if token > 0 {
+                ", with insert_deduplication_token"
+            } else {
+                ""
+            }
+        );
+        Ok(())
     }
 
     /// Creates the database and the table when missing, then checks the table's columns.
@@ -120,17 +189,11 @@ impl Store {
     /// lacks a column or has one of another type.
     pub(crate) async fn ensure_schema(&self) -> Result<()> {
         let db = &self.database;
-        self.client
-            .query(&format!(
-                "CREATE DATABASE IF NOT EXISTS {db} {}",
-                self.on_cluster
-            ))
-            .execute()
+        let create_database = format!("CREATE DATABASE IF NOT EXISTS {db} {}", self.on_cluster);
+        timed(self.client.query(&create_database).execute())
             .await
             .map_err(|e| Error::clickhouse(format!("failed to create database `{db}`"), e))?;
-        self.client
-            .query(&self.table_ddl())
-            .execute()
+        timed(self.client.query(&self.table_ddl()).execute())
             .await
             .map_err(|e| {
                 Error::clickhouse(
@@ -138,7 +201,13 @@ impl Store {
                     e,
                 )
             })?;
-        self.check_table().await
+        self.check_table().await?;
+        self.learn_dedup().await.map_err(|e| {
+            Error::clickhouse(
+                format!("failed to read the engine of `{}`", self.qualified_table()),
+                e,
+            )
+        })
     }
 
     fn table_ddl(&self) -> String {
@@ -159,19 +228,20 @@ impl Store {
     /// # Errors
     /// [`Error::TableShape`] naming the first mismatch.
     pub(crate) async fn check_table(&self) -> Result<()> {
-        let columns = self
-            .client
-            .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
-            .bind(&self.database)
-            .bind(&self.table)
-            .fetch_all::<Column>()
-            .await
-            .map_err(|e| {
-                Error::clickhouse(
-                    format!("failed to read the columns of `{}`", self.qualified_table()),
-                    e,
-                )
-            })?;
+        let columns = timed(
+            self.client
+                .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+                .bind(&self.database)
+                .bind(&self.table)
+                .fetch_all::<Column>(),
+        )
+        .await
+        .map_err(|e| {
+            Error::clickhouse(
+                format!("failed to read the columns of `{}`", self.qualified_table()),
+                e,
+            )
+        })?;
         let shape_error = |problem: String| Error::TableShape {
             table: self.qualified_table(),
             problem,
@@ -196,18 +266,44 @@ impl Store {
     }
 
     /// Sends one INSERT of pre-encoded rows. `Bytes` clones are free, so a retry re-sends
-    /// the same buffer.
+    /// the identical block, which a Replicated* table drops if an earlier attempt was
+    /// committed after all; on servers that have it, `insert_deduplication_token` (a hash
+    /// of the block) names the block too.
     pub(crate) async fn insert(&self, rows: Bytes) -> Result<(), InsertFailure> {
         let mut insert = self
             .client
             .insert_formatted_with(self.insert_sql.clone())
             .with_timeouts(Some(INSERT_TIMEOUT), Some(INSERT_TIMEOUT));
+        if self.dedup.token.load(Ordering::Relaxed) {
+            insert = insert.with_setting("insert_deduplication_token", dedup_token(&rows));
+        }
         let result = match insert.send(rows).await {
             Ok(()) => insert.end().await,
             Err(e) => Err(e),
         };
         result.map_err(classify)
     }
+}
+
+/// A name for a block, the same for the same bytes.
+fn dedup_token(rows: &[u8]) -> String {
+    // Fixed keys: the token must be the same in every process and after a restart.
+    let mut hasher =
+        std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default().build_hasher();
+    hasher.write(rows);
+    format!("click-consumer-{:016x}-{}", hasher.finish(), rows.len())
+}
+
+/// Runs a statement under [`QUERY_TIMEOUT`].
+async fn timed<T>(query: impl Future<Output = Result<T, ChError>>) -> Result<T, ChError> {
+    tokio::time::timeout(QUERY_TIMEOUT, query)
+        .await
+        .unwrap_or(Err(ChError::TimedOut))
+}
+
+/// Whether a failed INSERT may have been committed all the same (the answer was lost).
+pub(crate) fn is_ambiguous(error: &ChError) -> bool {
+    matches!(error, ChError::Network(_) | ChError::TimedOut)
 }
 
 /// RowBinary writes a `String` the same way into `String` and `LowCardinality(String)`,
