@@ -225,8 +225,13 @@ impl Session {
                 },
             }
         };
-        if let Some(task) = in_flight {
-            task.abort();
+        if let Some(mut task) = in_flight {
+            // The channel still works when only the topology must be declared again:
+            // let the commit in flight finish rather than store its batch twice.
+            let finish = Duration::from_secs(if matches!(end, End::Redeclare) { 10 } else { 0 });
+            if tokio::time::timeout(finish, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         self.settle_dead_letters().await;
         self.close().await;
