@@ -5,7 +5,10 @@
 //! Invalid messages are not part of a batch: they go to the dead-letter outbox as soon
 //! as they are decoded.
 
-use std::{ops::Range, sync::Arc};
+use std::{
+    ops::Range,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -36,6 +39,38 @@ pub(crate) struct Batch {
     bodies: Vec<u8>,
     sources: Vec<Source>,
     opened_at: Option<Instant>,
+}
+
+/// The buffers of a committed batch, kept for the next one: a batch's buffers are
+/// megabytes, and allocating them anew for every batch costs page faults.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Recycler(Arc<Mutex<Option<Batch>>>);
+
+impl Recycler {
+    /// An empty batch, on recycled buffers when there are some.
+    pub(crate) fn batch(&self, rows: usize) -> Batch {
+        let recycled = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        recycled.unwrap_or_else(|| Batch::with_capacity(rows))
+    }
+
+    /// Keeps the buffers of a committed batch (dropped if something still shares them).
+    pub(crate) fn put(&self, parts: BatchParts) {
+        let Ok(rows) = parts.rows.try_into_mut() else {
+            return;
+        };
+        let mut batch = Batch {
+            rows: Vec::from(rows),
+            row_ends: parts.row_ends,
+            bodies: parts.bodies,
+            sources: parts.sources,
+            opened_at: None,
+        };
+        batch.rows.clear();
+        batch.row_ends.clear();
+        batch.bodies.clear();
+        batch.sources.clear();
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(batch);
+    }
 }
 
 impl Batch {
@@ -212,6 +247,29 @@ mod tests {
             "equal origins are shared"
         );
         assert_eq!(parts.sources[2].origin.routing_key.as_str(), "other");
+    }
+
+    #[test]
+    fn a_committed_batch_lends_its_buffers_to_the_next() {
+        let recycler = Recycler::default();
+        let mut batch = recycler.batch(10);
+        batch.row_buffer().extend_from_slice(&[1; 64]);
+        batch.push_row(1, &[2; 100], origin("k"), 0);
+        let parts = batch.into_parts();
+        let shared = parts.rows.clone();
+        recycler.put(parts);
+        assert!(
+            recycler.0.lock().unwrap().is_none(),
+            "buffers still shared elsewhere are not recycled"
+        );
+        drop(shared);
+        let mut batch = recycler.batch(10);
+        batch.row_buffer().extend_from_slice(&[1; 64]);
+        batch.push_row(1, &[2; 100], origin("k"), 0);
+        recycler.put(batch.into_parts());
+        let next = recycler.batch(10);
+        assert!(next.is_empty() && next.rows.is_empty() && next.bodies.is_empty());
+        assert!(next.rows.capacity() >= 64 && next.bodies.capacity() >= 100);
     }
 
     #[tokio::test(start_paused = true)]

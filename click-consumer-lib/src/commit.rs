@@ -14,7 +14,7 @@ use std::{
 
 use crate::ack::{Acker, Settle};
 use crate::backoff::Backoff;
-use crate::batch::{BatchParts, RefusedRow};
+use crate::batch::{BatchParts, Recycler, RefusedRow};
 use crate::dead_letter::DeadLetters;
 use crate::error::Error;
 use crate::event::{InvalidKind, InvalidMessage};
@@ -68,6 +68,7 @@ pub(crate) struct Committer {
     pub(crate) max_backoff: Duration,
     pub(crate) release_after: Duration,
     pub(crate) on_commit: Option<CommitHook>,
+    pub(crate) recycler: Recycler,
 }
 
 impl std::fmt::Debug for Committer {
@@ -161,6 +162,7 @@ impl Committer {
                 insert_duration,
             });
         }
+        self.recycler.put(batch);
         Outcome::Committed
     }
 

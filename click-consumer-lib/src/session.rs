@@ -15,7 +15,7 @@ use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::ack::Acker;
-use crate::batch::Batch;
+use crate::batch::{Batch, Recycler};
 use crate::broker;
 use crate::commit::{Committer, Outcome};
 use crate::config::Config;
@@ -152,6 +152,7 @@ impl Session {
             max_backoff: config.retry_max_backoff,
             release_after: config.insert_release_after,
             on_commit: shared.on_commit.clone(),
+            recycler: Recycler::default(),
         };
         Ok(Session {
             shared,
@@ -169,7 +170,8 @@ impl Session {
     /// consuming; commits themselves run one at a time.
     pub(crate) async fn run(mut self, stop: &CancellationToken, stats: &mut StatsLog) -> End {
         let config = self.shared.config.clone();
-        let mut batch = Batch::with_capacity(config.batch_size);
+        let recycler = self.committer.recycler.clone();
+        let mut batch = recycler.batch(config.batch_size);
         let mut in_flight: Option<JoinHandle<Outcome>> = None;
         let mut stats_tick = tokio::time::interval_at(
             Instant::now() + config.stats_interval,
@@ -180,7 +182,7 @@ impl Session {
             let full = batch.is_full(config.batch_size, config.batch_max_bytes);
             let due = full || deadline.is_some_and(|d| d <= Instant::now());
             if in_flight.is_none() && due {
-                let full = std::mem::replace(&mut batch, Batch::with_capacity(config.batch_size));
+                let full = std::mem::replace(&mut batch, recycler.batch(config.batch_size));
                 log::debug!(
                     "flushing batch: {} rows ({} bytes), up to delivery tag {}",
                     full.len(),
