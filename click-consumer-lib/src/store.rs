@@ -301,9 +301,16 @@ async fn timed<T>(query: impl Future<Output = Result<T, ChError>>) -> Result<T, 
         .unwrap_or(Err(ChError::TimedOut))
 }
 
-/// Whether a failed INSERT may have been committed all the same (the answer was lost).
+/// Whether a failed INSERT may have been committed all the same (the answer was lost):
+/// a timeout, or a connection that broke after it was made; not a refused connection.
 pub(crate) fn is_ambiguous(error: &ChError) -> bool {
-    matches!(error, ChError::Network(_) | ChError::TimedOut)
+    match error {
+        ChError::TimedOut => true,
+        ChError::Network(source) => !source
+            .downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect),
+        _ => false,
+    }
 }
 
 /// RowBinary writes a `String` the same way into `String` and `LowCardinality(String)`,
@@ -436,6 +443,24 @@ mod tests {
             classify(ChError::TimedOut),
             InsertFailure::Transient(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_is_not_an_ambiguous_failure() {
+        // Nothing listens on a port just released: the INSERT cannot have been committed.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let store =
+            Store::new(&Config::default().with_clickhouse_url(format!("http://127.0.0.1:{port}")))
+                .unwrap();
+        match store.insert(Bytes::from_static(b"x")).await {
+            Err(InsertFailure::Transient(e)) => assert!(!is_ambiguous(&e), "{e:?}"),
+            other => panic!("expected a transient failure, got {other:?}"),
+        }
+        assert!(is_ambiguous(&ChError::TimedOut));
     }
 
     #[test]
