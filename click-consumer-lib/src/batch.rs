@@ -27,6 +27,8 @@ pub(crate) struct Source {
     /// When the click was published (the AMQP `timestamp` property) or, without one,
     /// happened (the event's `timestamp`), in Unix seconds: for the latency histogram.
     pub(crate) sent_at: u32,
+    /// Earlier deliveries of the message (quorum queues' `x-delivery-count`).
+    pub(crate) delivery_count: u32,
 }
 
 #[derive(Debug, Default)]
@@ -94,6 +96,7 @@ impl Batch {
     pub(crate) fn push_row(&mut self, tag: u64, body: &[u8], origin: Origin, sent_at: u32) {
         self.opened_at.get_or_insert_with(Instant::now);
         self.bodies.extend_from_slice(body);
+        let delivery_count = crate::broker::delivery_count(&origin.properties);
         let origin = match self.sources.last() {
             Some(last) if *last.origin == origin => last.origin.clone(),
             _ => Arc::new(origin),
@@ -104,6 +107,7 @@ impl Batch {
             body_end: self.bodies.len(),
             origin,
             sent_at,
+            delivery_count,
         });
     }
 

@@ -17,7 +17,24 @@ use crate::error::{Error, Result};
 use crate::secret::redact_url;
 
 /// How many times a quorum queue redelivers a message before dead-lettering it.
-const QUORUM_DELIVERY_LIMIT: i64 = 20;
+pub(crate) const QUORUM_DELIVERY_LIMIT: i64 = 20;
+
+/// How many times the message was delivered before, from the `x-delivery-count` header
+/// that quorum queues set (0 without it).
+pub(crate) fn delivery_count(properties: &lapin::BasicProperties) -> u32 {
+    let Some(headers) = properties.headers() else {
+        return 0;
+    };
+    let count = match headers.inner().get("x-delivery-count") {
+        Some(AMQPValue::LongLongInt(n)) => *n,
+        Some(AMQPValue::LongInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(*n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(*n),
+        Some(AMQPValue::ShortShortInt(n)) => i64::from(*n),
+        _ => 0,
+    };
+    u32::try_from(count).unwrap_or(0)
+}
 
 /// Parses an AMQP URL the way the Python clients do: an empty path (`amqp://host:5672/`)
 /// is the default vhost `/`, not the empty vhost lapin would read. Errors never include

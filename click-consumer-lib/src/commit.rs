@@ -69,6 +69,8 @@ pub(crate) struct Committer {
     pub(crate) release_after: Duration,
     pub(crate) on_commit: Option<CommitHook>,
     pub(crate) recycler: Recycler,
+    /// The queue's `x-delivery-limit` (quorum queues).
+    pub(crate) delivery_limit: Option<u32>,
 }
 
 impl std::fmt::Debug for Committer {
@@ -306,8 +308,33 @@ impl Committer {
 
     /// Hands a batch's rows back to the queue after a long ClickHouse outage. Messages in
     /// the dead-letter outbox are not the batch's: they are settled when their copies are.
+    ///
+    /// On a quorum queue, a message that one more release would push past the queue's
+    /// delivery limit is dead-lettered here instead, with its reason: the broker would
+    /// dead-letter it without one.
     async fn release(self, batch: BatchParts) -> Outcome {
-        let tags: Vec<u64> = batch.sources.iter().map(|s| s.tag).collect();
+        let mut tags = Vec::with_capacity(batch.len());
+        for (index, source) in batch.sources.iter().enumerate() {
+            if !last_delivery(source.delivery_count, self.delivery_limit) {
+                tags.push(source.tag);
+                continue;
+            }
+            let reason = InvalidMessage::new(
+                InvalidKind::DeliveryLimit,
+                format!(
+                    "released {} times while ClickHouse failed; one more would reach the queue's x-delivery-limit: replay it from the dead-letter queue",
+                    source.delivery_count + 1
+                ),
+            );
+            let body = batch.body(index).to_vec();
+            if let Err(e) = self
+                .dead_letters
+                .send(source.tag, body, &source.origin, &reason)
+                .await
+            {
+                return Outcome::BrokerLost(e);
+            }
+        }
         match self.acker.settle(&tags, Settle::Requeue).await {
             Ok(released) => {
                 self.metrics.released.inc_by(released as u64);
@@ -316,6 +343,12 @@ impl Committer {
             Err(e) => Outcome::BrokerLost(e),
         }
     }
+}
+
+/// Whether releasing a message delivered `delivery_count` times before would make the
+/// queue dead-letter it (its `x-delivery-limit` counts returns to the queue).
+fn last_delivery(delivery_count: u32, limit: Option<u32>) -> bool {
+    limit.is_some_and(|limit| delivery_count + 1 >= limit)
 }
 
 /// The search for refused rows ran out of budget: every row not yet inserted is refused.
@@ -350,6 +383,19 @@ fn give_up_search(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_release_never_pushes_a_message_past_the_delivery_limit() {
+        assert!(!last_delivery(0, None), "classic queues have no limit");
+        assert!(!last_delivery(100, None));
+        assert!(!last_delivery(0, Some(20)));
+        assert!(!last_delivery(18, Some(20)));
+        assert!(
+            last_delivery(19, Some(20)),
+            "the 20th return would dead-letter it"
+        );
+        assert!(last_delivery(25, Some(20)));
+    }
 
     #[test]
     fn an_exhausted_search_refuses_every_row_left() {

@@ -121,6 +121,11 @@ pub enum InvalidKind {
     InvalidTimestamp,
     /// ClickHouse refused the row when it was inserted.
     RejectedByClickHouse,
+    /// A valid message released back to a quorum queue so often (during a ClickHouse
+    /// outage) that one more release would exceed the queue's `x-delivery-limit`: the
+    /// broker would then dead-letter it without a reason. Replay it once ClickHouse is
+    /// back.
+    DeliveryLimit,
 }
 
 impl InvalidKind {
@@ -134,11 +139,12 @@ impl InvalidKind {
             InvalidKind::InvalidField => "invalid_field",
             InvalidKind::InvalidTimestamp => "invalid_timestamp",
             InvalidKind::RejectedByClickHouse => "rejected_by_clickhouse",
+            InvalidKind::DeliveryLimit => "delivery_limit",
         }
     }
 
     /// Every kind, for pre-registering metric labels.
-    pub const ALL: [InvalidKind; 7] = [
+    pub const ALL: [InvalidKind; 8] = [
         InvalidKind::TooLarge,
         InvalidKind::NotUtf8,
         InvalidKind::NotJson,
@@ -146,6 +152,7 @@ impl InvalidKind {
         InvalidKind::InvalidField,
         InvalidKind::InvalidTimestamp,
         InvalidKind::RejectedByClickHouse,
+        InvalidKind::DeliveryLimit,
     ];
 }
 

@@ -153,6 +153,8 @@ impl Session {
             release_after: config.insert_release_after,
             on_commit: shared.on_commit.clone(),
             recycler: Recycler::default(),
+            delivery_limit: (config.queue_type == crate::config::QueueType::Quorum)
+                .then_some(broker::QUORUM_DELIVERY_LIMIT as u32),
         };
         Ok(Session {
             shared,
