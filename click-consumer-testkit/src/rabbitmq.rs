@@ -211,6 +211,12 @@ impl RabbitMq {
         if let Err(failure) = broker.boot() {
             broker.fail("start with TLS", &failure);
         }
+        // RabbitMQ 4 opens the TLS listener a moment after the plain one.
+        if !wait_for(READY_TIMEOUT, || {
+            connect(tls_port, Duration::from_secs(1)).is_ok()
+        }) {
+            broker.fail("start with TLS", &BootFailure::TimedOut(READY_TIMEOUT));
+        }
         broker
     }
 

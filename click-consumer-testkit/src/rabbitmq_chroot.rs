@@ -7,6 +7,10 @@
 //! for its parent-death signal (a change of user clears that signal, so the order
 //! matters; see `process.rs`). The broker's directory is created inside the chroot's
 //! `/tmp`, and every path handed to the broker is the path as seen from inside.
+//!
+//! RabbitMQ reads `/proc` (its memory monitor crashes without it, and its disk monitor
+//! fails): each child gets a private mount namespace with a `/proc` mounted inside the
+//! chroot, so nothing stays mounted on the host and nothing needs cleaning up.
 
 use std::ffi::CString;
 use std::fs;
@@ -115,14 +119,32 @@ impl Chroot {
     #[allow(unsafe_code)]
     pub(crate) fn confine(&self, cmd: &mut Command, cwd: &Path) {
         let root = c_path(&self.root);
+        let proc_dir = c_path(&self.root.join("proc"));
         let cwd = c_path(cwd);
         let (uid, gid) = (self.uid, self.gid);
         let hook = move || {
-            // SAFETY: chroot, chdir, setgroups, setgid and setuid are async-signal-safe
-            // system calls; the strings were allocated before the fork and the group
-            // list is empty, so nothing here allocates.
+            // SAFETY: unshare, mount, chroot, chdir, setgroups, setgid and setuid are
+            // async-signal-safe system calls; the strings were allocated before the fork
+            // and the group list is empty, so nothing here allocates.
             unsafe {
-                if libc::chroot(root.as_ptr()) != 0
+                let private = libc::MS_REC | libc::MS_PRIVATE;
+                let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+                if libc::unshare(libc::CLONE_NEWNS) != 0
+                    || libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        private,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::mount(
+                        c"proc".as_ptr(),
+                        proc_dir.as_ptr(),
+                        c"proc".as_ptr(),
+                        proc_flags,
+                        std::ptr::null(),
+                    ) != 0
+                    || libc::chroot(root.as_ptr()) != 0
                     || libc::chdir(cwd.as_ptr()) != 0
                     || libc::setgroups(0, std::ptr::null()) != 0
                     || libc::setgid(gid) != 0
