@@ -5,7 +5,11 @@
 //! test runs never share state with each other or with a system-wide service:
 //!
 //! * [`RabbitMq`]: RabbitMQ 3.10 (Debian's package) with a private epmd; ready in
-//!   about 3-4 s on 2 cores.
+//!   about 3-4 s on 2 cores. With `CLICK_CONSUMER_TEST_RABBITMQ=4`, RabbitMQ 4.0 from
+//!   a Debian trixie chroot instead (build it with `scripts/install-rabbitmq4.sh`),
+//!   run there as its `rabbitmq` user; `=/some/path` names another chroot. A variable
+//!   that asks for a chroot that is not there makes the test panic: it never falls
+//!   back to 3.10.
 //! * [`ClickHouse`]: `clickhouse-server` (18.16 from Debian); ready in about 0.15 s.
 //! * [`shared`]: one of each per test process, started on first use, in parallel.
 //!
@@ -33,6 +37,7 @@ mod janitor;
 mod ports;
 mod process;
 mod rabbitmq;
+mod rabbitmq_chroot;
 mod rabbitmq_home;
 mod tls;
 

@@ -1,4 +1,6 @@
-//! A private RabbitMQ broker (Debian's rabbitmq-server, 3.10 here) with its own epmd.
+//! A private RabbitMQ broker (Debian's rabbitmq-server) with its own epmd: the
+//! machine's own (3.10 on Debian bookworm) or, when `CLICK_CONSUMER_TEST_RABBITMQ=4`,
+//! RabbitMQ 4 from a Debian trixie chroot (see [`rabbitmq_chroot`]).
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -16,6 +18,7 @@ use crate::process::{
     BootFailure, INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied,
     wait_for, wait_ready,
 };
+use crate::rabbitmq_chroot::{self, Chroot, INSTALL_HINT_4};
 use crate::rabbitmq_home;
 
 const RABBITMQ_LIB: &str = "/usr/lib/rabbitmq/lib";
@@ -30,19 +33,50 @@ const ATTEMPTS: u32 = 3;
 /// AMQP 0-9-1 protocol header; the broker answers with connection.start (frame type 1).
 const AMQP_HEADER: &[u8] = b"AMQP\x00\x00\x09\x01";
 
+/// PATH inside the chroot.
+const CHROOT_PATH: &str = "/usr/sbin:/usr/bin:/sbin:/bin";
+
 /// The installed broker's scripts and Erlang's epmd.
 #[derive(Debug, Clone)]
 struct Install {
+    /// The chroot the broker runs in, or None for the machine's own RabbitMQ.
+    chroot: Option<Chroot>,
+    /// The paths below are as the broker sees them (inside the chroot, if any).
     sbin: PathBuf,
     server: PathBuf,
     ctl: PathBuf,
     epmd: PathBuf,
+    /// The broker's version, from its folder's name (`rabbitmq_server-4.0.5`).
+    version: String,
 }
 
 impl Install {
-    /// Finds the installation, or panics saying how to install it.
+    /// Finds the installation that `CLICK_CONSUMER_TEST_RABBITMQ` asks for, or panics
+    /// saying how to install it.
     fn find() -> Install {
-        let sbin = rabbitmq_sbin().unwrap_or_else(|| {
+        let Some(chroot) = rabbitmq_chroot::selected() else {
+            return Install::system();
+        };
+        let lib = chroot.host_path(Path::new(RABBITMQ_LIB));
+        let host_sbin = rabbitmq_sbin(&lib).unwrap_or_else(|| {
+            panic!(
+                "RabbitMQ is not installed in the chroot (no {}/rabbitmq_server-*/sbin/rabbitmq-server): {INSTALL_HINT_4}",
+                lib.display()
+            )
+        });
+        let epmd = PathBuf::from("/usr/bin/epmd");
+        if !chroot.host_path(&epmd).is_file() {
+            panic!(
+                "the RabbitMQ chroot has no {}: {INSTALL_HINT_4}",
+                epmd.display()
+            );
+        }
+        Install::new(Some(chroot.clone()), chroot.inner_path(&host_sbin), epmd)
+    }
+
+    /// The machine's own RabbitMQ.
+    fn system() -> Install {
+        let sbin = rabbitmq_sbin(Path::new(RABBITMQ_LIB)).unwrap_or_else(|| {
             panic!("RabbitMQ is not installed (no {RABBITMQ_LIB}/rabbitmq_server-*/sbin/rabbitmq-server): {INSTALL_HINT}")
         });
         let epmd = find_program("epmd").unwrap_or_else(|| {
@@ -50,21 +84,56 @@ impl Install {
                 "Erlang's epmd is not installed (not in PATH, /usr/sbin, /usr/bin): {INSTALL_HINT}"
             )
         });
+        Install::new(None, sbin, epmd)
+    }
+
+    fn new(chroot: Option<Chroot>, sbin: PathBuf, epmd: PathBuf) -> Install {
+        let folder = sbin
+            .parent()
+            .and_then(Path::file_name)
+            .unwrap_or_default()
+            .to_string_lossy();
+        let version = folder
+            .strip_prefix("rabbitmq_server-")
+            .unwrap_or(&folder)
+            .to_owned();
         Install {
+            chroot,
             server: sbin.join("rabbitmq-server"),
             ctl: sbin.join("rabbitmqctl"),
             sbin,
             epmd,
+            version,
+        }
+    }
+
+    /// Makes `cmd` run as this installation needs: inside the chroot as its
+    /// `rabbitmq` user, in `cwd` (a path as the broker sees it), or as is.
+    fn confine(&self, cmd: &mut Command, cwd: &Path) {
+        match &self.chroot {
+            Some(chroot) => chroot.confine(cmd, cwd),
+            None => {
+                cmd.current_dir(cwd);
+            }
+        }
+    }
+
+    /// The message for a broker that will not start.
+    fn hint(&self) -> &'static str {
+        if self.chroot.is_some() {
+            INSTALL_HINT_4
+        } else {
+            INSTALL_HINT
         }
     }
 }
 
-/// The `sbin` directory of the newest `rabbitmq_server-*` under [`RABBITMQ_LIB`].
+/// The `sbin` directory of the newest `rabbitmq_server-*` under `lib`.
 ///
 /// Its scripts run the broker as the current user; `/usr/sbin/rabbitmq-server` would
 /// switch to the `rabbitmq` user and the system-wide node.
-fn rabbitmq_sbin() -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = fs::read_dir(RABBITMQ_LIB)
+fn rabbitmq_sbin(lib: &Path) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = fs::read_dir(lib)
         .ok()?
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|path| {
@@ -130,7 +199,7 @@ impl RabbitMq {
         let [tls_port] = free_ports();
         broker.tls_port = Some(tls_port);
         crate::tls::make_certificates(broker.dir());
-        let dir = broker.dir().display().to_string();
+        let dir = broker.broker_dir().display().to_string();
         let config = format!(
             "listeners.tcp.1 = 127.0.0.1:{}\nlisteners.ssl.1 = 127.0.0.1:{tls_port}\n\
              ssl_options.cacertfile = {dir}/ca.pem\nssl_options.certfile = {dir}/server.pem\n\
@@ -141,6 +210,12 @@ impl RabbitMq {
         broker.write("rabbitmq.conf", &config);
         if let Err(failure) = broker.boot() {
             broker.fail("start with TLS", &failure);
+        }
+        // RabbitMQ 4 opens the TLS listener a moment after the plain one.
+        if !wait_for(READY_TIMEOUT, || {
+            connect(tls_port, Duration::from_secs(1)).is_ok()
+        }) {
+            broker.fail("start with TLS", &BootFailure::TimedOut(READY_TIMEOUT));
         }
         broker
     }
@@ -170,9 +245,31 @@ impl RabbitMq {
     }
 
     /// The directory holding the configuration, the database (`mnesia/`) and the
-    /// logs (`log/`).
+    /// logs (`log/`). For RabbitMQ 4 it lies inside the chroot's `/tmp`.
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The broker's version, e.g. `3.10.8` or `4.0.5`, from its installation folder.
+    pub fn version(&self) -> &str {
+        &self.install.version
+    }
+
+    /// The major version, e.g. 3 or 4 (0 if the version is not a number).
+    pub fn major_version(&self) -> u32 {
+        self.version()
+            .split('.')
+            .next()
+            .and_then(|major| major.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// [`RabbitMq::dir`] as the broker sees it (inside the chroot, if any).
+    fn broker_dir(&self) -> PathBuf {
+        match &self.install.chroot {
+            Some(chroot) => chroot.inner_path(self.dir()),
+            None => self.dir().to_path_buf(),
+        }
     }
 
     /// Stops the broker with SIGTERM (a clean shutdown, about 1 s) and waits for it
@@ -251,35 +348,54 @@ impl RabbitMq {
     /// # Panics
     /// With rabbitmqctl's output if it fails.
     pub fn ctl(&self, args: &[&str]) -> String {
+        self.try_ctl(args)
+            .unwrap_or_else(|failure| panic!("rabbitmqctl {args:?} failed {failure}"))
+    }
+
+    /// As [`RabbitMq::ctl`], but a failing rabbitmqctl (such as a command this
+    /// broker's version does not have) is an `Err` holding its exit status and output.
+    ///
+    /// # Panics
+    /// If rabbitmqctl cannot be run at all.
+    pub fn try_ctl(&self, args: &[&str]) -> Result<String, String> {
         let mut cmd = Command::new(&self.install.ctl);
         self.node_env(&mut cmd)
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        self.install.confine(&mut cmd, &self.broker_dir());
         let output = spawn_tied(cmd)
             .and_then(|child| child.wait_with_output())
             .unwrap_or_else(|err| panic!("cannot run rabbitmqctl {args:?}: {err}"));
         if !output.status.success() {
-            panic!(
-                "rabbitmqctl {args:?} failed ({}):\n{}{}",
+            return Err(format!(
+                "({}):\n{}{}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr),
                 String::from_utf8_lossy(&output.stdout)
-            );
+            ));
         }
-        String::from_utf8_lossy(&output.stdout).into_owned()
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
     }
 
     /// A new, not yet started broker: fresh directory, ports and configuration.
     fn prepare(install: Install) -> RabbitMq {
-        let dir = tempfile::Builder::new()
-            .prefix("testkit-rabbitmq-")
-            .tempdir()
-            .unwrap_or_else(|err| panic!("cannot create a temp dir for RabbitMQ: {err}"));
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("testkit-rabbitmq-");
+        let dir = match &install.chroot {
+            Some(chroot) => builder.tempdir_in(chroot.tmp()),
+            None => builder.tempdir(),
+        }
+        .unwrap_or_else(|err| panic!("cannot create a temp dir for RabbitMQ: {err}"));
         janitor::remove_after_exit(dir.path());
         let [amqp_port, dist_port, epmd_port] = free_ports();
-        let home = slim_home(&install, dir.path());
+        // The slim home links host paths, which mean nothing inside a chroot; RabbitMQ 4
+        // starts in about 3 s without it (measured here).
+        let home = match install.chroot {
+            Some(_) => None,
+            None => slim_home(&install, dir.path()),
+        };
         let broker = RabbitMq {
             dir,
             install,
@@ -324,9 +440,13 @@ impl RabbitMq {
 
     /// The environment shared by the broker and rabbitmqctl: everything private.
     fn node_env<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
-        let dir = self.dir();
+        let dir = &self.broker_dir();
+        let path = match self.install.chroot {
+            Some(_) => CHROOT_PATH.to_owned(),
+            None => search_path(),
+        };
         cmd.env_clear()
-            .env("PATH", search_path())
+            .env("PATH", path)
             .env("LC_ALL", "C.UTF-8")
             .env("HOME", dir)
             .env("RABBITMQ_NODENAME", &self.node)
@@ -353,6 +473,14 @@ impl RabbitMq {
     }
 
     fn boot(&self) -> Result<(), BootFailure> {
+        if let Some(chroot) = &self.install.chroot {
+            chroot.hand_over(self.dir()).unwrap_or_else(|err| {
+                panic!(
+                    "cannot give {} to the chroot's rabbitmq user: {err}",
+                    self.dir().display()
+                )
+            });
+        }
         self.start_epmd();
         self.boot_broker()
     }
@@ -371,6 +499,7 @@ impl RabbitMq {
         .stdout(self.output_log("epmd.log"))
         .stderr(self.output_log("epmd.log"))
         .process_group(0);
+        self.install.confine(&mut cmd, Path::new("/"));
         self.epmd.launch(cmd);
         let up = wait_for(EPMD_TIMEOUT, || {
             connect(self.epmd_port, Duration::from_secs(1)).is_ok() || !self.epmd.is_running()
@@ -391,11 +520,11 @@ impl RabbitMq {
             // we hold is the broker itself; -noinput keeps the shell off.
             .env("RABBITMQ_ALLOW_INPUT", "1")
             .env("RABBITMQ_SERVER_START_ARGS", "-noinput")
-            .current_dir(self.dir())
             .stdin(Stdio::null())
             .stdout(self.output_log("log/stdout.log"))
             .stderr(self.output_log("log/stdout.log"))
             .process_group(0);
+        self.install.confine(&mut cmd, &self.broker_dir());
         self.broker.launch(cmd);
         wait_ready(&self.broker, READY_TIMEOUT, || {
             amqp_handshake(self.amqp_port)
@@ -418,10 +547,12 @@ impl RabbitMq {
         ];
         panic!(
             "RabbitMQ {what} failed: {failure} (AMQP port {}, dir {}).\n{}\n\
-             If RabbitMQ is missing or broken, {INSTALL_HINT}.",
+             If RabbitMQ {} is missing or broken, {}.",
             self.amqp_port,
             self.dir().display(),
-            log_tail(&logs, 30)
+            log_tail(&logs, 30),
+            self.version(),
+            self.install.hint()
         );
     }
 }
@@ -453,6 +584,8 @@ pub(crate) fn amqp_handshake(port: u16) -> bool {
 impl fmt::Debug for RabbitMq {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RabbitMq")
+            .field("version", &self.version())
+            .field("chroot", &self.install.chroot.is_some())
             .field("node", &self.node)
             .field("amqp_port", &self.amqp_port)
             .field("dist_port", &self.dist_port)

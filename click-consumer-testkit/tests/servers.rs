@@ -129,21 +129,49 @@ fn rabbitmqctl_failures_panic_with_its_output() {
     assert!(message.contains("no_such_command"), "{message}");
 }
 
-/// Declares a durable queue holding one persistent message, through rabbitmqctl eval
-/// (internals of RabbitMQ 3.10, the version Debian ships: no AMQP client needed here).
+/// Declares a durable queue holding one persistent message, confirmed by the broker,
+/// through a real AMQP client (the broker's internal publish function of 3.10 is gone
+/// in RabbitMQ 4).
 fn declare_queue_with_persistent_message(rabbitmq: &RabbitMq, queue: &str) {
-    let name = format!("rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)");
-    rabbitmq.ctl(&[
-        "eval",
-        &format!("{{new, _}} = rabbit_amqqueue:declare({name}, true, false, [], none, <<\"testkit\">>), ok."),
-    ]);
-    rabbitmq.ctl(&[
-        "eval",
-        &format!(
-            "rabbit_basic:publish(rabbit_misc:r(<<\"/\">>, exchange, <<>>), <<\"{queue}\">>, \
-             [{{delivery_mode, 2}}], <<\"persistent\">>), ok."
-        ),
-    ]);
+    use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+    use lapin::{BasicProperties, Connection, ConnectionProperties, types::FieldTable};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    runtime.block_on(async {
+        let connection = Connection::connect(&rabbitmq.amqp_url(), ConnectionProperties::default())
+            .await
+            .expect("AMQP connection");
+        let channel = connection.create_channel().await.expect("channel");
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await
+            .expect("confirm.select");
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        channel
+            .queue_declare(queue.into(), durable, FieldTable::default())
+            .await
+            .expect("queue.declare");
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"persistent",
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .expect("basic.publish")
+            .await
+            .expect("publisher confirm");
+        assert!(confirm.is_ack(), "the broker did not confirm: {confirm:?}");
+        connection.close(200, "done".into()).await.expect("close");
+    });
 }
 
 fn ready_messages(rabbitmq: &RabbitMq, queue: &str) -> Option<String> {

@@ -10,7 +10,7 @@ use crate::common::*;
 async fn valid_events_become_rows_with_their_values() {
     let names = Names::new("valid_rows");
     let config = config(&names);
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     let publisher = publisher(&config).await;
     let events: Vec<ClickEvent> = (0..1200).map(event).collect();
     publisher.publish_all(&events).await.unwrap();
@@ -60,7 +60,7 @@ async fn valid_events_become_rows_with_their_values() {
 async fn invalid_messages_are_dead_lettered_with_their_reason() {
     let names = Names::new("invalid");
     let config = config(&names).with_max_message_bytes(4096);
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     let publisher = publisher(&config).await;
     let deep = format!(
         r#"{{"short_code":"x","timestamp":"2024-01-15T10:30:00Z","x":{}{}}}"#,
@@ -145,7 +145,7 @@ async fn invalid_messages_are_dead_lettered_with_their_reason() {
 async fn with_dead_lettering_off_invalid_messages_are_rejected() {
     let names = Names::new("reject");
     let config = config(&names).with_dead_letter_enabled(false);
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     let publisher = publisher(&config).await;
     for i in 0..20 {
         publisher.publish(&event(i)).await.unwrap();
@@ -177,7 +177,7 @@ async fn shutdown_stores_and_acks_what_is_buffered() {
         .with_batch_timeout(Duration::from_secs(600));
     let consumer = Consumer::new(config.clone()).unwrap();
     let metrics = consumer.metrics();
-    let running = start(consumer);
+    let running = start(consumer).await;
     let publisher = publisher(&config).await;
     let events: Vec<ClickEvent> = (0..300).map(event).collect();
     publisher.publish_all(&events).await.unwrap();
@@ -204,7 +204,7 @@ async fn batches_are_flushed_by_size_and_by_time() {
         .with_batch_timeout(Duration::from_secs(2));
     let consumer = Consumer::new(config.clone()).unwrap();
     let metrics = consumer.metrics();
-    let running = start(consumer);
+    let running = start(consumer).await;
     let publisher = publisher(&config).await;
     let events: Vec<ClickEvent> = (0..1000).map(event).collect();
     publisher.publish_all(&events).await.unwrap();

@@ -17,7 +17,7 @@ async fn a_clickhouse_outage_is_retried_without_losing_or_duplicating() {
     let config = config(&names).with_clickhouse_url(clickhouse.url());
     let consumer = Consumer::new(config.clone()).unwrap();
     let metrics = consumer.metrics();
-    let running = start(consumer);
+    let running = start(consumer).await;
     let publisher = publisher(&config).await;
     let events: Vec<ClickEvent> = (0..3000).map(event).collect();
     publisher.publish_all(&events[..1000]).await.unwrap();

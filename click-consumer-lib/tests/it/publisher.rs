@@ -18,7 +18,7 @@ async fn published_events_round_trip_into_rows() {
         .with_referrer("https://t.example/?q=a&b=c")
         .with_original_url("https://example.com/long/path?x=1#frag");
     publisher.publish(&event).await.unwrap();
-    let running = start(Consumer::new(config).unwrap());
+    let running = start(Consumer::new(config).unwrap()).await;
     wait_for_rows(&names, 1).await;
     running.stop().await.unwrap();
 
@@ -45,7 +45,7 @@ async fn many_tasks_publish_on_one_connection() {
     let names = Names::new("concurrent");
     let config = config(&names);
     let publisher = publisher(&config).await;
-    let running = start(Consumer::new(config).unwrap());
+    let running = start(Consumer::new(config).unwrap()).await;
     let tasks: Vec<_> = (0..20)
         .map(|task| {
             let publisher = publisher.clone();

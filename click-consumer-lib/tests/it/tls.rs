@@ -31,7 +31,7 @@ async fn amqps_with_a_private_ca_and_verification_by_default() {
     let trusted = config(&names)
         .with_rabbitmq_url(broker.amqps_url())
         .with_rabbitmq_ca_file(broker.ca_file());
-    let running = start(Consumer::new(trusted.clone()).unwrap());
+    let running = start(Consumer::new(trusted.clone()).unwrap()).await;
     publisher(&trusted).await.publish(&event(1)).await.unwrap();
     wait_for_rows(&names, 1).await;
     running.stop().await.unwrap();
@@ -60,7 +60,7 @@ async fn https_to_clickhouse_with_a_private_ca_and_verification_by_default() {
     let trusted = config(&names)
         .with_clickhouse_url(clickhouse.https_url())
         .with_clickhouse_ca_file(clickhouse.ca_file());
-    let running = start(Consumer::new(trusted.clone()).unwrap());
+    let running = start(Consumer::new(trusted.clone()).unwrap()).await;
     publisher(&trusted).await.publish(&event(1)).await.unwrap();
     let count = || clickhouse.query(&format!("SELECT count() FROM {}", names.table()));
     wait_until("the row over HTTPS", Duration::from_secs(30), || async {

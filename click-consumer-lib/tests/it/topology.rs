@@ -20,7 +20,7 @@ async fn creates_table_and_topology_when_missing_and_reuses_them() {
         "the table does not exist before the first run"
     );
 
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     let publisher = publisher(&config).await;
     publisher.publish(&event(1)).await.unwrap();
     wait_for_rows(&names, 1).await;
@@ -34,7 +34,7 @@ async fn creates_table_and_topology_when_missing_and_reuses_them() {
 
     // Second run: everything exists already; the old row stays, new ones are appended.
     publisher.publish(&event(2)).await.unwrap();
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     wait_for_rows(&names, 2).await;
     running.stop().await.unwrap();
     assert_eq!(row_count(&names).await, 2);
@@ -185,7 +185,7 @@ async fn wrong_credentials_fail_at_once() {
 async fn a_quorum_queue_is_declared_with_a_delivery_limit_and_dead_lettering() {
     let names = Names::new("quorum");
     let config = config(&names).with_queue_type(click_consumer::QueueType::Quorum);
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     let publisher = publisher(&config).await;
     publisher.publish(&event(1)).await.unwrap();
     publisher.publish_bytes(b"poison").await.unwrap();
@@ -227,7 +227,7 @@ async fn a_quorum_queue_is_declared_with_a_delivery_limit_and_dead_lettering() {
 async fn the_table_engine_is_configurable() {
     let names = Names::new("engine");
     let config = config(&names).with_clickhouse_table_engine("ReplacingMergeTree()");
-    let running = start(Consumer::new(config.clone()).unwrap());
+    let running = start(Consumer::new(config.clone()).unwrap()).await;
     publisher(&config).await.publish(&event(1)).await.unwrap();
     wait_for_rows(&names, 1).await;
     running.stop().await.unwrap();
