@@ -20,7 +20,8 @@ use crate::args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logging::init(&cli.log_level) {
+    let secrets = cli.settings.secrets();
+    if let Err(e) = logging::init(&cli.log_level, secrets.clone()) {
         eprintln!("click-consumer: {e:#}");
         return ExitCode::from(2);
     }
@@ -33,7 +34,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("click-consumer: error: {e:#}");
+            // The library's errors never hold a password; scrub anyway, the last line
+            // of defence for whatever some dependency's message quotes.
+            eprintln!(
+                "click-consumer: error: {}",
+                secrets.scrub(&format!("{e:#}"))
+            );
             let bad_setting = matches!(
                 e.downcast_ref::<click_consumer::Error>(),
                 Some(click_consumer::Error::InvalidSetting { .. })

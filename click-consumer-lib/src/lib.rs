@@ -69,4 +69,4 @@ pub use error::{AmqpError, ClickHouseError, Error, Result};
 pub use event::{ClickEvent, InvalidKind, InvalidMessage};
 pub use metrics::{Metrics, Summary};
 pub use publisher::ClickPublisher;
-pub use secret::{Secret, redact_url};
+pub use secret::{Scrubber, Secret, redact_url, url_password};
