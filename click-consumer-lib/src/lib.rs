@@ -38,7 +38,8 @@
 //! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `commit`,
 //!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology).
 //! - [`ClickPublisher`] (`publisher`): publish clicks from the shortener.
-//! - [`Metrics`] and [`Summary`] (`metrics`).
+//! - [`Metrics`] and [`Summary`] (`metrics`; `exposition` converts to the classic
+//!   Prometheus text format).
 //! - [`Error`] (`error`), [`Secret`] (`secret`).
 
 #![warn(missing_docs)]
@@ -52,6 +53,7 @@ mod consumer;
 mod dead_letter;
 mod error;
 mod event;
+mod exposition;
 mod metrics;
 mod publisher;
 mod rowbinary;
