@@ -8,7 +8,7 @@ use std::{
     io::{Read, Write},
     net::{SocketAddr, TcpStream},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::Context;
@@ -52,6 +52,9 @@ pub(crate) const MAX_CONNECTIONS: usize = 64;
 /// lack of file descriptors does not become a busy loop.
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
 
+/// Failed accepts are logged at warn at most this often (at debug otherwise).
+const ACCEPT_WARN_EVERY: Duration = Duration::from_secs(10);
+
 /// Binds the listener (so a taken port fails start-up) and serves it in the background.
 pub(crate) async fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
@@ -64,6 +67,7 @@ pub(crate) async fn spawn(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Re
 
 async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let mut last_warning: Option<Instant> = None;
     loop {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
@@ -71,7 +75,15 @@ async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                log::warn!("metrics listener: cannot accept a connection: {e}");
+                // At warn at most every ACCEPT_WARN_EVERY, not ten lines a second.
+                if last_warning.is_none_or(|at| at.elapsed() >= ACCEPT_WARN_EVERY) {
+                    log::warn!(
+                        "metrics listener: cannot accept a connection: {e}; retrying every {ACCEPT_ERROR_PAUSE:?}"
+                    );
+                    last_warning = Some(Instant::now());
+                } else {
+                    log::debug!("metrics listener: cannot accept a connection: {e}");
+                }
                 tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                 continue;
             }

@@ -8,6 +8,7 @@ mod support;
 use std::{
     io::{Read, Write},
     net::TcpStream,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -235,4 +236,83 @@ fn metrics_negotiates_its_format_and_every_path_answers_head() {
     }
     let (head, _) = request(port, "HEAD", "/nowhere", None);
     assert!(head.starts_with("http/1.1 404"), "{head}");
+}
+
+/// CPU time (user + system) of a process so far, from /proc.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Fields after the command name (which may hold spaces) in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    let per_second = Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / per_second)
+}
+
+/// Out of file descriptors (EMFILE), the listener pauses between failed accepts instead
+/// of spinning, says so once at warn, and serves again once descriptors are free.
+#[test]
+fn out_of_file_descriptors_the_listener_does_not_spin() {
+    let port = support::free_port();
+    let log_path = std::env::temp_dir().join(click_consumer_testkit::unique_name("emfile"));
+    let log = std::fs::File::create(&log_path).unwrap();
+    // No servers: the listener serves while start-up waits for ClickHouse, with a
+    // descriptor limit that a few connections exhaust.
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 32 && exec '{}'",
+            env!("CARGO_BIN_EXE_click-consumer")
+        ))
+        .env_clear()
+        .env("CLICKHOUSE_HOST", "127.0.0.1")
+        .env("CLICKHOUSE_PORT", support::free_port().to_string())
+        .env("STARTUP_TIMEOUT_MS", "120000")
+        .env("RETRY_INITIAL_BACKOFF_MS", "5000")
+        .env("RETRY_MAX_BACKOFF_MS", "5000")
+        .env("METRICS_ADDR", format!("127.0.0.1:{port}"))
+        .env("LOG_LEVEL", "warn")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let service = Service(child);
+    wait_until("the listener", Duration::from_secs(30), || {
+        TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    // Connections held open until the binary has no descriptor left for the next one.
+    let held: Vec<TcpStream> = (0..40).map(|_| connect(port)).collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = service.0.id();
+    let before = cpu_time(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let spent = cpu_time(pid) - before;
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    let warnings = log.matches("cannot accept a connection").count();
+    assert!(
+        spent < Duration::from_millis(200),
+        "2 s out of descriptors cost {spent:?} of CPU: a busy loop"
+    );
+    assert!(
+        log.contains("Too many open files") && warnings == 1,
+        "the failed accepts are logged once at warn (got {warnings}):\n{log}"
+    );
+    drop(held);
+    std::thread::sleep(Duration::from_millis(300));
+    let (head, body) = request(port, "GET", "/health", None);
+    assert!(
+        head.starts_with("http/1.1 200") && body == "ok\n",
+        "{head}\n{body}"
+    );
+    eprintln!("out of descriptors for 2 s: {spent:?} of CPU, one warning; /health answers after");
 }
