@@ -47,23 +47,44 @@ pub(crate) fn init(level: &str, secrets: Scrubber) -> anyhow::Result<()> {
     }
     builder
         .format(move |buf, record| {
-            let message = record.args().to_string();
-            writeln!(
-                buf,
-                "[{} {:<5} {}] {}",
-                buf.timestamp_millis(),
-                record.level(),
-                record.target(),
-                secrets.scrub(&message)
-            )
+            let line = line(&secrets, buf.timestamp_millis(), record);
+            writeln!(buf, "{line}")
         })
         .init();
     Ok(())
 }
 
+/// One log line, env_logger's default layout, with the secrets scrubbed from the message.
+fn line(secrets: &Scrubber, timestamp: impl std::fmt::Display, record: &log::Record<'_>) -> String {
+    let message = record.args().to_string();
+    format!(
+        "[{timestamp} {:<5} {}] {}",
+        record.level(),
+        record.target(),
+        secrets.scrub(&message)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_never_hold_a_secret() {
+        let secrets = Scrubber::new()
+            .with_secret("ch p@ss")
+            .with_url("amqp://u:r/m#q@host/");
+        let message = format_args!("dsn amqp://u:r/m#q@host/ password=ch p@ss or ch%20p%40ss");
+        let record = log::Record::builder()
+            .args(message)
+            .level(log::Level::Debug)
+            .target("lapin::uri")
+            .build();
+        assert_eq!(
+            line(&secrets, "T", &record),
+            "[T DEBUG lapin::uri] dsn amqp://u:***@host/ password=*** or ***"
+        );
+    }
 
     #[test]
     fn python_and_rust_names() {
