@@ -2,7 +2,7 @@
 //! (the Python service's names), lowered into the library's `Config`, which validates.
 
 use clap::{Parser, Subcommand};
-use click_consumer::{Config, config::defaults};
+use click_consumer::{Config, Scrubber, config::defaults};
 
 /// Declares the settings once: each becomes a `--flag` with an `env`, and a lookup by
 /// environment-variable name for `Config::from_lookup`. Values are never shown in
@@ -146,6 +146,22 @@ impl Settings {
     pub(crate) fn config(&self) -> click_consumer::Result<Config> {
         Config::from_lookup(|name| self.lookup(name))
     }
+
+    /// The secrets among the settings (`CLICKHOUSE_PASSWORD`, the passwords inside
+    /// `RABBITMQ_URL` and `CLICKHOUSE_URL`), for scrubbing them from everything printed.
+    pub(crate) fn secrets(&self) -> Scrubber {
+        let get = |name| self.lookup(name).unwrap_or_default();
+        let rabbitmq_url = get("RABBITMQ_URL");
+        let secrets = Scrubber::new()
+            .with_secret(&get("CLICKHOUSE_PASSWORD"))
+            .with_url(&get("CLICKHOUSE_URL"));
+        // The built-in default's guest:guest is public, and hiding it would hide the user.
+        if rabbitmq_url == defaults::RABBITMQ_URL {
+            secrets
+        } else {
+            secrets.with_url(&rabbitmq_url)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -169,6 +185,26 @@ mod tests {
         let cli = Cli::try_parse_from(["click-consumer", "--batch-size", "0"]).expect("parses");
         let err = cli.settings.config().expect_err("0 is refused").to_string();
         assert!(err.contains("BATCH_SIZE"), "{err}");
+    }
+
+    #[test]
+    fn secrets_are_the_password_settings() {
+        let cli = Cli::try_parse_from([
+            "click-consumer",
+            "--rabbitmq-url",
+            "amqp://u:r/m#q@host/",
+            "--clickhouse-url",
+            "http://d:c@h?@host:8123",
+            "--clickhouse-password",
+            "pw 3",
+        ])
+        .expect("parses");
+        let scrubbed = cli
+            .settings
+            .secrets()
+            .scrub("r/m#q c@h? pw 3 host")
+            .into_owned();
+        assert_eq!(scrubbed, "*** *** *** host");
     }
 
     #[test]

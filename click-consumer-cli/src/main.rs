@@ -7,7 +7,10 @@ mod demo;
 mod logging;
 mod serve;
 
-use std::process::ExitCode;
+use std::{
+    process::ExitCode,
+    time::{Duration, Instant},
+};
 
 use anyhow::Context;
 use clap::Parser;
@@ -20,7 +23,8 @@ use crate::args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = logging::init(&cli.log_level) {
+    let secrets = cli.settings.secrets();
+    if let Err(e) = logging::init(&cli.log_level, secrets.clone()) {
         eprintln!("click-consumer: {e:#}");
         return ExitCode::from(2);
     }
@@ -33,7 +37,12 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("click-consumer: error: {e:#}");
+            // The library's errors never hold a password; scrub anyway, the last line
+            // of defence for whatever some dependency's message quotes.
+            eprintln!(
+                "click-consumer: error: {}",
+                secrets.scrub(&format!("{e:#}"))
+            );
             let bad_setting = matches!(
                 e.downcast_ref::<click_consumer::Error>(),
                 Some(click_consumer::Error::InvalidSetting { .. })
@@ -59,8 +68,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The first SIGTERM or SIGINT starts a graceful shutdown; a second one exits at once
-/// (unacknowledged messages return to the queue).
+/// A second signal sooner than this after the first is a copy of it (a supervisor or a
+/// shell signalling the whole process group, `timeout`), not an operator insisting.
+const FORCE_AFTER: Duration = Duration::from_secs(1);
+
+/// The first SIGTERM or SIGINT starts a graceful shutdown; a later one, at least
+/// [`FORCE_AFTER`] after the first, exits at once (unacknowledged messages return to the
+/// queue). Copies arriving together with the first are ignored.
 async fn forward_signals(stop: CancellationToken) {
     let mut signals = match signal_hook_tokio::Signals::new([SIGTERM, SIGINT]) {
         Ok(signals) => signals,
@@ -69,11 +83,21 @@ async fn forward_signals(stop: CancellationToken) {
             return;
         }
     };
-    if let Some(signal) = signals.next().await {
-        log::info!("received {}, shutting down", signal_name(signal));
-        stop.cancel();
-    }
-    if let Some(signal) = signals.next().await {
+    let Some(signal) = signals.next().await else {
+        return;
+    };
+    let first = Instant::now();
+    log::info!("received {}, shutting down", signal_name(signal));
+    stop.cancel();
+    while let Some(signal) = signals.next().await {
+        if first.elapsed() < FORCE_AFTER {
+            log::info!(
+                "received {} again {:?} after the first: taken as a copy, still draining",
+                signal_name(signal),
+                first.elapsed()
+            );
+            continue;
+        }
         log::warn!("received {} again, exiting now", signal_name(signal));
         std::process::exit(130);
     }

@@ -14,7 +14,7 @@ use lapin::{
 
 use crate::config::{Config, ExchangeType, QueueType};
 use crate::error::{Error, Result};
-use crate::secret::redact_url;
+use crate::secret::{Scrubber, shown_url};
 
 /// How many times a quorum queue redelivers a message before dead-lettering it.
 pub(crate) const QUORUM_DELIVERY_LIMIT: i64 = 20;
@@ -41,19 +41,18 @@ pub(crate) fn delivery_count(properties: &lapin::BasicProperties) -> u32 {
 /// the password.
 pub(crate) fn parse_url(url: &str) -> Result<AMQPUri> {
     let mut uri: AMQPUri = url.parse().map_err(|e: String| {
-        // The parser's message may quote the whole URL: only ever show the redacted form.
-        let detail = e.replace(url, &redact_url(url));
-        let shown = if url.contains("://") {
-            format!("`{}` is not", redact_url(url))
-        } else {
-            "the value is not".to_owned()
+        // The parser's message may quote the URL or pieces of it: show the value only
+        // redacted, and the message only with every form of the password removed.
+        let scrubber = Scrubber::new().with_url(url);
+        let message = match shown_url(url) {
+            Some(shown) => {
+                let detail = e.replace(url, &shown);
+                format!("`{shown}` is not an AMQP URL: {}", scrubber.scrub(&detail))
+            }
+            None => "the value is not an AMQP URL: expected amqp://user:password@host:port/vhost"
+                .to_owned(),
         };
-        let detail = if url.contains("://") {
-            detail
-        } else {
-            "expected amqp://user:password@host:port/vhost".to_owned()
-        };
-        Error::setting("RABBITMQ_URL", format!("{shown} an AMQP URL: {detail}"))
+        Error::setting("RABBITMQ_URL", message)
     })?;
     if uri.vhost.is_empty() {
         uri.vhost = "/".to_owned();
@@ -289,6 +288,15 @@ mod tests {
             "http://u:pw-secret@host/",
             "amqp://u:pw-secret@host:port/",
             "garbage pw-secret",
+            "amqp://u:pw-secret@host:x/",
+            "amqp://u:pw-secret#x@host/",
+            "amqp://u:pw-secret/x@host/",
+            "amqp://u:pw-secret?x@host/",
+            "amqp://u:pw-secret@x@host:port/",
+            "amqp://u:pw-secret",
+            "amqp://u:pw-secret@[::1/",
+            "amqp://u:pw%2Dsecret@[::1/",
+            "amqp://u:pw-secret@host/?heartbeat=pw-secret",
         ] {
             let err = parse_url(url).expect_err(url).to_string();
             assert!(err.starts_with("invalid setting RABBITMQ_URL"), "{err}");

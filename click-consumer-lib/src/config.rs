@@ -509,10 +509,10 @@ impl Config {
             };
             return Err(Error::setting(
                 setting,
-                format!(
-                    "expected an http:// or https:// URL, got `{}`",
-                    redact_url(&url)
-                ),
+                match crate::secret::shown_url(&url) {
+                    Some(shown) => format!("expected an http:// or https:// URL, got `{shown}`"),
+                    None => "expected an http:// or https:// URL".to_owned(),
+                },
             ));
         }
         non_empty("CLICKHOUSE_HOST", &self.clickhouse_host)?;

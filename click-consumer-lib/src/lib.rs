@@ -38,7 +38,8 @@
 //! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `commit`,
 //!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology).
 //! - [`ClickPublisher`] (`publisher`): publish clicks from the shortener.
-//! - [`Metrics`] and [`Summary`] (`metrics`).
+//! - [`Metrics`] and [`Summary`] (`metrics`; `exposition` converts to the classic
+//!   Prometheus text format).
 //! - [`Error`] (`error`), [`Secret`] (`secret`).
 
 #![warn(missing_docs)]
@@ -53,6 +54,7 @@ mod consumer;
 mod dead_letter;
 mod error;
 mod event;
+mod exposition;
 mod metrics;
 mod publisher;
 mod rowbinary;
@@ -70,4 +72,4 @@ pub use error::{AmqpError, ClickHouseError, Error, Result};
 pub use event::{ClickEvent, InvalidKind, InvalidMessage};
 pub use metrics::{Metrics, Summary};
 pub use publisher::ClickPublisher;
-pub use secret::{Secret, redact_url};
+pub use secret::{Scrubber, Secret, redact_url, url_password};
