@@ -17,8 +17,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::COLUMNS;
 
-/// The table DDL, shared with the documentation in `schema/`.
-const TABLE_DDL: &str = include_str!("../../schema/click_events.sql");
+/// The table DDL; the workspace's `schema/click_events.sql` is a copy kept in sync by a test.
+const TABLE_DDL: &str = include_str!("../schema/click_events.sql");
 
 /// Longest an INSERT may take before it counts as failed (and is retried).
 const INSERT_TIMEOUT: Duration = Duration::from_secs(60);

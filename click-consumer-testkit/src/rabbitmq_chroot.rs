@@ -12,7 +12,7 @@
 //! fails): each child gets a private mount namespace with a `/proc` mounted inside the
 //! chroot, so nothing stays mounted on the host and nothing needs cleaning up.
 
-use std::ffi::CString;
+use std::ffi::{CString, OsStr};
 use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -48,18 +48,24 @@ pub(crate) struct Chroot {
 /// broker silently.
 pub(crate) fn selected() -> Option<Chroot> {
     let value = std::env::var(SELECT_ENV).unwrap_or_default();
-    let root = match value.trim() {
-        "" | "3" | "system" => return None,
-        "4" => std::env::var_os(ROOT_ENV)
-            .filter(|root| !root.is_empty())
-            .map_or_else(|| PathBuf::from(DEFAULT_ROOT), PathBuf::from),
-        path if path.starts_with('/') => PathBuf::from(path),
+    chosen_root(&value, std::env::var_os(ROOT_ENV).as_deref()).map(Chroot::open)
+}
+
+/// The chroot that `value` (of [`SELECT_ENV`]) names, given [`ROOT_ENV`]'s value.
+fn chosen_root(value: &str, root_override: Option<&OsStr>) -> Option<PathBuf> {
+    match value.trim() {
+        "" | "3" | "system" => None,
+        "4" => Some(
+            root_override
+                .filter(|root| !root.is_empty())
+                .map_or_else(|| PathBuf::from(DEFAULT_ROOT), PathBuf::from),
+        ),
+        path if path.starts_with('/') => Some(PathBuf::from(path)),
         other => panic!(
             "{SELECT_ENV}={other:?}: expected `3` (or unset) for the machine's RabbitMQ, \
              `4` for the RabbitMQ 4 chroot, or the absolute path of a chroot"
         ),
-    };
-    Some(Chroot::open(root))
+    }
 }
 
 impl Chroot {
@@ -205,6 +211,32 @@ mod tests {
             chroot.inner_path(Path::new("/var/cache/x/tmp/b")),
             Path::new("/tmp/b")
         );
+    }
+
+    #[test]
+    fn the_variable_chooses_the_broker() {
+        assert_eq!(chosen_root("", None), None);
+        assert_eq!(chosen_root("3", None), None);
+        assert_eq!(chosen_root(" system ", None), None);
+        assert_eq!(chosen_root("4", None), Some(PathBuf::from(DEFAULT_ROOT)));
+        assert_eq!(
+            chosen_root("4", Some(OsStr::new("/srv/trixie"))),
+            Some(PathBuf::from("/srv/trixie"))
+        );
+        assert_eq!(
+            chosen_root("4", Some(OsStr::new(""))),
+            Some(PathBuf::from(DEFAULT_ROOT))
+        );
+        assert_eq!(
+            chosen_root("/opt/rmq", None),
+            Some(PathBuf::from("/opt/rmq"))
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "expected `3` (or unset)")]
+    fn an_unknown_choice_fails_loudly() {
+        chosen_root("4.0", None);
     }
 
     #[test]
