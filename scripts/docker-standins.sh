@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Make sure every base image the given Dockerfiles name (FROM lines) is present, making a
 # LOCAL STAND-IN only where an image is missing and cannot be pulled (a machine without a
-# container registry). Where a registry is reachable, this pulls and builds nothing itself.
+# container registry). Where a registry is reachable it pulls, and makes no stand-in.
 #
 #   scripts/docker-standins.sh [Dockerfile ...]      (default: ./Dockerfile)
 #
@@ -26,7 +26,7 @@
 # reads (CARGO_HTTP_CAINFO=/usr/local/share/standin-ca/host-ca-bundle.crt), NOT as the system
 # bundle: the builder's /etc/ssl/certs/ca-certificates.crt stays Debian's, and that is the
 # file the Dockerfile's runtime stage copies. The runtime stand-in (debian:bookworm-slim) has
-# Debian's plain bundle too. scripts/container-test.sh checks that the built image does not
+# Debian's plain bundle too. scripts/docker-image.sh checks that the built image does not
 # carry the host's bundle.
 #
 # Idempotent: an image that exists is never rebuilt (a second run takes a second or two);
@@ -198,8 +198,9 @@ make_rust_builder() {
     printf '#!/bin/sh\nexit 101\n' >"$builder/usr/sbin/policy-rc.d"
     chmod 0755 "$builder/usr/sbin/policy-rc.d"
     with_chroot_mounts "$builder" chroot "$builder" sh -c \
-        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates >/dev/null' \
-        || die "apt-get install in the builder rootfs failed"
+        'apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev ca-certificates' \
+        >"$WORK/builder-apt.log" 2>&1 \
+        || { tail -20 "$WORK/builder-apt.log" >&2; die "apt-get install in the builder rootfs failed (log: $WORK/builder-apt.log)"; }
     rm -f "$builder/usr/sbin/policy-rc.d"
     trim_like_slim "$builder"
     say "  + the host's CA bundle ($HOST_CA, which includes the crates.io proxy's CA) for cargo only"
