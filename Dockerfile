@@ -50,7 +50,7 @@ COPY . .
 #    The --help check fails the build if the stub binary survived, or if the `healthcheck`
 #    subcommand the HEALTHCHECK below relies on is gone.
 #    Then the shipped copy is stripped of its debug info (the release profile keeps line
-#    tables: 47 MB with them, about 9 MB without). The debug info stays in this stage as
+#    tables: 47 MB with them, 10.7 MB without). The debug info stays in this stage as
 #    /build/click-consumer.debug, linked by name from the binary (gnu-debuglink), for
 #    symbolising a core dump: `docker build --target builder -t cc-builder .` then
 #    `docker run --rm cc-builder cat /build/click-consumer.debug > click-consumer.debug`.
