@@ -49,10 +49,20 @@ RUN bash scripts/build-release.sh
 COPY . .
 #    The --help check fails the build if the stub binary survived, or if the `healthcheck`
 #    subcommand the HEALTHCHECK below relies on is gone.
+#    Then the shipped copy is stripped of its debug info (the release profile keeps line
+#    tables: 47 MB with them, 10.7 MB without). The debug info stays in this stage as
+#    /build/click-consumer.debug, linked by name from the binary (gnu-debuglink), for
+#    symbolising a core dump: `docker build --target builder -t cc-builder .` then
+#    `docker run --rm cc-builder cat /build/click-consumer.debug > click-consumer.debug`.
+#    The symbol table stays, so panics still print function names.
 RUN find . -name target -type d -prune -o -name '*.rs' -type f -exec touch {} + \
  && bash scripts/build-release.sh \
  && ./target/release/click-consumer --help > /tmp/help.txt \
- && grep -q healthcheck /tmp/help.txt
+ && grep -q healthcheck /tmp/help.txt \
+ && objcopy --only-keep-debug target/release/click-consumer /build/click-consumer.debug \
+ && objcopy --strip-debug --add-gnu-debuglink=/build/click-consumer.debug \
+        target/release/click-consumer /build/click-consumer \
+ && /build/click-consumer --help > /dev/null
 
 # ---------------------------------------------------------------------------------------------
 # Runtime: debian:bookworm-slim rather than distroless/cc. Same Debian release as the
@@ -73,7 +83,7 @@ RUN groupadd --gid 10001 click-consumer \
         --home-dir /nonexistent --shell /usr/sbin/nologin click-consumer
 
 COPY --from=builder /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
-COPY --from=builder /build/target/release/click-consumer /usr/local/bin/click-consumer
+COPY --from=builder /build/click-consumer /usr/local/bin/click-consumer
 
 # Defaults, with the Python consumer's variable names and values. Not set here on purpose,
 # because the binary derives or defaults them itself:
