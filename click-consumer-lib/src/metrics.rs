@@ -59,6 +59,7 @@ pub struct Metrics {
     pub(crate) insert_retries_not_deduplicated: Counter,
     pub(crate) end_to_end_seconds: Histogram,
     broker_state: Family<StateLabel, Gauge>,
+    ready: Gauge,
     pub(crate) batch_rows: Histogram,
     pub(crate) insert_seconds: Histogram,
     pub(crate) unacked: Gauge,
@@ -98,6 +99,7 @@ impl Metrics {
                 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
             ]),
             broker_state: Family::default(),
+            ready: Gauge::default(),
             batch_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             unacked: Gauge::default(),
@@ -190,6 +192,11 @@ impl Metrics {
             self.end_to_end_seconds.clone(),
         );
         r.register(
+            "ready",
+            "1 when connected to RabbitMQ and ClickHouse and not backing off (what /ready answers 200 for), else 0",
+            self.ready.clone(),
+        );
+        r.register(
             "broker_connection_state",
             "State of the RabbitMQ connection: connected, blocked (resource alarm) or reconnecting; 1 for the current state",
             self.broker_state.clone(),
@@ -255,6 +262,7 @@ impl Metrics {
     }
 
     fn set_broker_state(&self) {
+        self.ready.set(i64::from(self.is_ready()));
         let state = match (
             self.broker_up.load(Ordering::Relaxed),
             self.broker_blocked(),
@@ -272,6 +280,7 @@ impl Metrics {
 
     pub(crate) fn set_clickhouse_up(&self, up: bool) {
         self.clickhouse_up.store(up, Ordering::Relaxed);
+        self.ready.set(i64::from(self.is_ready()));
     }
 
     pub(crate) fn dead_lettered(&self, kind: InvalidKind) {
