@@ -17,7 +17,8 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::event::COLUMNS;
 
-/// The table DDL; the workspace's `schema/click_events.sql` is a copy kept in sync by a test.
+/// The table DDL. It lives in the crate (a published crate cannot include files outside
+/// its folder); the workspace's `schema/click_events.sql` is a link to it.
 const TABLE_DDL: &str = include_str!("../schema/click_events.sql");
 
 /// Longest an INSERT may take before it counts as failed (and is retried).

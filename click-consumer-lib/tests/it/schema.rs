@@ -102,15 +102,3 @@ fn the_schema_and_the_consumer_agree_on_samples() {
         assert!(ClickEvent::decode(body.as_bytes()).is_err(), "{body}");
     }
 }
-
-/// The library ships its own copy of the table DDL (a published crate cannot include
-/// files outside its folder); `schema/click_events.sql` is the one the README points to.
-#[test]
-fn the_workspace_schema_is_the_ddl_the_library_ships() {
-    assert_eq!(
-        include_str!("../../../schema/click_events.sql"),
-        include_str!("../../schema/click_events.sql"),
-        "schema/click_events.sql and click-consumer-lib/schema/click_events.sql differ: \
-         change both"
-    );
-}
