@@ -8,6 +8,7 @@ use bytes::Bytes;
 use lapin::{PublisherConfirm, message::Delivery};
 use tokio::time::Instant;
 
+use crate::columns::Shape;
 use crate::event::InvalidMessage;
 
 /// A dead letter published to the dead-letter queue, not yet confirmed by the broker.
@@ -33,6 +34,8 @@ pub(crate) struct Batch {
     /// Bytes held: encoded rows plus the bodies kept for dead-lettering.
     bytes: usize,
     opened_at: Option<Instant>,
+    /// The columns the rows are encoded with (see `columns`).
+    pub(crate) shape: Shape,
 }
 
 impl Batch {
@@ -120,7 +123,29 @@ impl Batch {
             dead_letters: self.dead_letters,
             last_tag: self.last_tag,
             messages: self.messages,
+            shape: self.shape,
         }
+    }
+
+    // --- Extra columns (`encode`): a row encoded with the batch's shape, and the rows
+    // encoded again when the shape widens.
+
+    /// The batch's shape and where the next row is encoded.
+    pub(crate) fn shape_and_rows(&mut self) -> (&Shape, &mut Vec<u8>) {
+        (&self.shape, &mut self.rows)
+    }
+
+    /// The bodies of the rows, in row order.
+    pub(crate) fn bodies(&self) -> impl Iterator<Item = &[u8]> {
+        self.deliveries.iter().map(|d| &*d.data)
+    }
+
+    /// Replaces the encoded rows with the same rows encoded with another shape.
+    pub(crate) fn replace_rows(&mut self, rows: Vec<u8>, row_ends: Vec<usize>) {
+        debug_assert_eq!(row_ends.len(), self.row_ends.len());
+        self.bytes = self.bytes + rows.len() - self.rows.len();
+        self.rows = rows;
+        self.row_ends = row_ends;
     }
 }
 
@@ -133,6 +158,8 @@ pub(crate) struct BatchParts {
     pub(crate) dead_letters: Vec<PendingDeadLetter>,
     pub(crate) last_tag: u64,
     pub(crate) messages: usize,
+    /// The columns the rows are encoded with.
+    pub(crate) shape: Shape,
 }
 
 impl BatchParts {

@@ -68,6 +68,8 @@ pub(crate) struct Committer {
     pub(crate) max_backoff: Duration,
     pub(crate) release_after: Duration,
     pub(crate) on_commit: Option<CommitHook>,
+    /// The table's layout, read again when an INSERT fails on the table's shape.
+    pub(crate) columns: Arc<crate::columns::Columns>,
 }
 
 impl std::fmt::Debug for Committer {
@@ -81,13 +83,15 @@ impl std::fmt::Debug for Committer {
 /// An INSERT that did not go through.
 enum Stop {
     Refused(clickhouse::error::Error),
+    /// Refused for the table's shape (a column dropped): fatal unless the layout changed.
+    Shape(clickhouse::error::Error),
     Give(Outcome),
 }
 
 impl Committer {
-    pub(crate) async fn commit(self, batch: BatchParts) -> Outcome {
+    pub(crate) async fn commit(self, mut batch: BatchParts) -> Outcome {
         let started = Instant::now();
-        let refused = match self.insert_all(&batch).await {
+        let refused = match self.insert_all(&mut batch).await {
             Ok(refused) => refused,
             Err(Outcome::Released) => return self.release(batch).await,
             Err(outcome) => return outcome,
@@ -142,7 +146,7 @@ impl Committer {
 
     /// Inserts every row; on a refusal, halves the range until the refused rows are
     /// found. Returns the refused rows.
-    async fn insert_all(&self, batch: &BatchParts) -> Result<Vec<RefusedRow>, Outcome> {
+    async fn insert_all(&self, batch: &mut BatchParts) -> Result<Vec<RefusedRow>, Outcome> {
         let mut refused = Vec::new();
         let whole: Range<usize> = 0..batch.row_ends.len();
         let mut todo = vec![whole];
@@ -154,10 +158,25 @@ impl Committer {
             match self.insert_retrying(batch, range.clone()).await {
                 Ok(()) => {}
                 Err(Stop::Give(outcome)) => return Err(outcome),
-                Err(Stop::Refused(error)) => {
+                Err(Stop::Refused(error) | Stop::Shape(error)) => {
                     // A refusal caused by the table itself (altered under us) must stop
                     // the consumer, not dead-letter every row.
                     if !table_checked {
+                        // Columns added, dropped or retyped: encode the batch again.
+                        match crate::encode::reshape_if_changed(&self.columns, &self.store, batch)
+                            .await
+                        {
+                            Ok(Some(misfits)) => {
+                                table_checked = true;
+                                todo =
+                                    crate::encode::ranges_without(batch.row_ends.len(), &misfits);
+                                todo.reverse();
+                                refused = misfits;
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) => return Err(Outcome::Fatal(e)),
+                        }
                         if let Err(e) = self.store.check_table().await {
                             return Err(Outcome::Fatal(e));
                         }
@@ -166,6 +185,11 @@ impl Committer {
                             "ClickHouse refused {} rows ({error}); looking for the refused rows",
                             range.len()
                         );
+                    }
+                    if crate::columns::is_shape_error(&error) {
+                        let context =
+                            format!("INSERT into {} failed", self.store.qualified_table());
+                        return Err(Outcome::Fatal(Error::clickhouse(context, error)));
                     }
                     if range.len() == 1 {
                         refused.push(RefusedRow {
@@ -189,17 +213,21 @@ impl Committer {
     /// One range's INSERT, retried with backoff while ClickHouse fails transiently.
     async fn insert_retrying(&self, batch: &BatchParts, range: Range<usize>) -> Result<(), Stop> {
         let rows = batch.rows_bytes(range.clone());
+        let sql = batch.shape.insert_sql(&self.store.qualified_table());
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let failing_since = Instant::now();
         loop {
             let attempt = Instant::now();
-            match self.store.insert(rows.clone()).await {
+            match self.store.insert(sql.clone(), rows.clone()).await {
                 Ok(()) => {
                     self.metrics.inserted(range.len(), attempt.elapsed());
                     self.metrics.set_clickhouse_up(true);
                     return Ok(());
                 }
                 Err(InsertFailure::Rejected(e)) => return Err(Stop::Refused(e)),
+                Err(InsertFailure::Fatal(e)) if crate::columns::is_shape_error(&e) => {
+                    return Err(Stop::Shape(e));
+                }
                 Err(InsertFailure::Fatal(e)) => {
                     let context = format!("INSERT into {} failed", self.store.qualified_table());
                     return Err(Stop::Give(Outcome::Fatal(Error::clickhouse(context, e))));

@@ -5,6 +5,8 @@ use std::{borrow::Cow, fmt};
 
 use serde::{Deserialize, Deserializer, Serialize, de};
 
+use crate::columns::{Layout, Shape};
+use crate::field::{ColumnType, Value};
 use crate::{rowbinary, timestamp};
 
 /// One click, as the shortener publishes it: one JSON object per message.
@@ -180,23 +182,79 @@ pub(crate) struct Row<'a> {
     pub(crate) ip_address: Cow<'a, str>,
     pub(crate) referrer: Cow<'a, str>,
     pub(crate) original_url: Cow<'a, str>,
+    /// The values of the layout's extra columns, by index (`None`: missing).
+    pub(crate) extras: Vec<Option<Value<'a>>>,
 }
 
-/// The JSON object, fields borrowed where no unescaping is needed.
-#[derive(Deserialize)]
+/// The JSON object, fields borrowed where no unescaping is needed; `extras` holds the
+/// fields named like the layout's extra columns (`Some(Value::Null)` for a `null`).
 struct Wire<'a> {
-    #[serde(borrow, default)]
     short_code: Option<Text<'a>>,
-    #[serde(borrow, default)]
     timestamp: Option<Text<'a>>,
-    #[serde(borrow, default)]
     user_agent: Option<Text<'a>>,
-    #[serde(borrow, default)]
     ip_address: Option<Text<'a>>,
-    #[serde(borrow, default)]
     referrer: Option<Text<'a>>,
-    #[serde(borrow, default)]
     original_url: Option<Text<'a>>,
+    extras: Vec<Option<Value<'a>>>,
+}
+
+/// Decodes a [`Wire`] in one pass over the object: contract fields by name, extra
+/// fields by the layout, anything else skipped without allocating.
+struct WireSeed<'l>(&'l Layout);
+
+impl<'de> de::DeserializeSeed<'de> for WireSeed<'_> {
+    type Value = Wire<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for WireSeed<'_> {
+    type Value = Wire<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a click event object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        /// A contract field: `None` unseen, `Some(None)` null.
+        type Seen<'a> = Option<Option<Text<'a>>>;
+        let mut contract: [Seen<'de>; 6] = Default::default();
+        let mut extras: Vec<Option<Value<'de>>> = (0..self.0.extras.len()).map(|_| None).collect();
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            let key = &*key.0;
+            if let Some(i) = COLUMNS.iter().position(|(name, _)| *name == key) {
+                if contract[i].is_some() {
+                    return Err(de::Error::duplicate_field(COLUMNS[i].0));
+                }
+                contract[i] = Some(map.next_value()?);
+            } else if let Some(i) = self.0.extra(key) {
+                if extras[i].is_some() {
+                    return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+                }
+                extras[i] = Some(map.next_value()?);
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        let [
+            short_code,
+            timestamp,
+            user_agent,
+            ip_address,
+            referrer,
+            original_url,
+        ] = contract.map(Option::flatten);
+        Ok(Wire {
+            short_code,
+            timestamp,
+            user_agent,
+            ip_address,
+            referrer,
+            original_url,
+            extras,
+        })
+    }
 }
 
 /// A JSON string, borrowed from the input unless it had escapes.
@@ -229,8 +287,18 @@ fn text(field: Option<Text<'_>>) -> Cow<'_, str> {
 }
 
 impl<'a> Row<'a> {
-    /// Applies every decoding rule to a message body.
+    /// Applies every decoding rule to a message body (contract columns only).
     pub(crate) fn decode(body: &'a [u8], max_bytes: usize) -> Result<Self, InvalidMessage> {
+        Self::decode_with(body, max_bytes, &Layout::default())
+    }
+
+    /// Applies every decoding rule to a message body, keeping the fields of `layout`'s
+    /// extra columns (their values are checked when the row is encoded).
+    pub(crate) fn decode_with(
+        body: &'a [u8],
+        max_bytes: usize,
+        layout: &Layout,
+    ) -> Result<Self, InvalidMessage> {
         use InvalidKind::*;
         if body.len() > max_bytes {
             return Err(InvalidMessage::new(
@@ -266,7 +334,10 @@ impl<'a> Row<'a> {
                 format!("body nests arrays or objects deeper than {MAX_NESTING} levels"),
             ));
         }
-        let wire: Wire<'a> = serde_json::from_str(json).map_err(|e| match e.classify() {
+        let mut parser = serde_json::Deserializer::from_str(json);
+        let wire = de::DeserializeSeed::deserialize(WireSeed(layout), &mut parser)
+            .and_then(|wire| parser.end().map(|()| wire));
+        let wire: Wire<'a> = wire.map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 InvalidMessage::new(InvalidField, format!("invalid click event: {e}"))
             }
@@ -299,17 +370,96 @@ impl<'a> Row<'a> {
             ip_address: text(wire.ip_address),
             referrer: text(wire.referrer),
             original_url: text(wire.original_url),
+            extras: wire.extras,
         })
     }
 
     /// Appends the row in RowBinary, columns in [`COLUMNS`] order.
+    #[cfg(test)]
     pub(crate) fn encode(&self, buf: &mut Vec<u8>) {
+        self.encode_contract(buf, false);
+    }
+
+    /// The contract columns; with `flagged`, each value preceded by the 0 byte of
+    /// RowBinaryWithDefaults ("a value follows").
+    fn encode_contract(&self, buf: &mut Vec<u8>, flagged: bool) {
+        let flag = |buf: &mut Vec<u8>| {
+            if flagged {
+                buf.push(0);
+            }
+        };
+        flag(buf);
         rowbinary::put_string(buf, &self.short_code);
+        flag(buf);
         rowbinary::put_datetime(buf, self.timestamp);
-        rowbinary::put_string(buf, &self.user_agent);
-        rowbinary::put_string(buf, &self.ip_address);
-        rowbinary::put_string(buf, &self.referrer);
-        rowbinary::put_string(buf, &self.original_url);
+        for text in [
+            &self.user_agent,
+            &self.ip_address,
+            &self.referrer,
+            &self.original_url,
+        ] {
+            flag(buf);
+            rowbinary::put_string(buf, text);
+        }
+    }
+
+    /// Appends the row as `shape` lays it out: contract columns, then the extra columns
+    /// the shape writes, each value checked against its column's type. On a value that
+    /// does not fit, `buf` is left as it was.
+    ///
+    /// # Errors
+    /// [`InvalidKind::InvalidField`] naming the field and the column's type.
+    pub(crate) fn encode_with(
+        &self,
+        shape: &Shape,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), InvalidMessage> {
+        let layout = &*shape.layout;
+        let start = buf.len();
+        self.encode_contract(buf, layout.with_defaults);
+        for ((column, value), written) in layout.extras.iter().zip(&self.extras).zip(&shape.written)
+        {
+            if !written {
+                continue;
+            }
+            if layout.with_defaults {
+                let absent = matches!(value, None | Some(Value::Null));
+                if absent && !matches!(column.ty, ColumnType::Nullable(_)) {
+                    buf.push(1); // the column's DEFAULT
+                    continue;
+                }
+                buf.push(0);
+            }
+            if let Err(misfit) = column.ty.put(value.as_ref(), buf) {
+                buf.truncate(start);
+                return Err(InvalidMessage::new(
+                    InvalidKind::InvalidField,
+                    format!(
+                        "field `{}` ({} column): {misfit}",
+                        column.name, column.type_name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the row names (with a non-null value) an extra column `shape` does not
+    /// write yet.
+    pub(crate) fn needs_more_than(&self, shape: &Shape) -> bool {
+        self.extras
+            .iter()
+            .zip(&shape.written)
+            .any(|(value, written)| !written && !matches!(value, None | Some(Value::Null)))
+    }
+
+    /// Marks the extra columns this row names as written by `shape`.
+    pub(crate) fn widen(&self, shape: &mut Shape) {
+        for (value, written) in self.extras.iter().zip(&mut shape.written) {
+            if !matches!(value, None | Some(Value::Null)) {
+                *written = true;
+            }
+        }
     }
 }
 

@@ -46,12 +46,15 @@
 mod backoff;
 mod batch;
 mod broker;
+mod columns;
 mod commit;
 pub mod config;
 mod consumer;
 mod dead_letter;
+mod encode;
 mod error;
 mod event;
+mod field;
 mod metrics;
 mod publisher;
 mod rowbinary;

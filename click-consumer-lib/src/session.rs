@@ -23,7 +23,6 @@ use crate::commit::{Committer, Outcome};
 use crate::config::Config;
 use crate::dead_letter::{DeadLetters, Sent};
 use crate::error::Error;
-use crate::event::Row;
 use crate::metrics::{Metrics, StatsLog};
 use crate::store::Store;
 
@@ -70,6 +69,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) consumer_tag: String,
     pub(crate) on_commit: Option<crate::commit::CommitHook>,
+    /// The table's layout (extra columns), shared with the commits.
+    pub(crate) columns: Arc<crate::columns::Columns>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -146,6 +147,7 @@ impl Session {
             max_backoff: config.retry_max_backoff,
             release_after: config.insert_release_after,
             on_commit: shared.on_commit.clone(),
+            columns: shared.columns.clone(),
         };
         Ok(Session {
             shared,
@@ -260,19 +262,13 @@ impl Session {
         // straight into the batch and the delivery moved in after it.
         let mut delivery = delivery;
         let body = std::mem::take(&mut delivery.data);
-        let decoded = Row::decode(&body, max_bytes).map(|row| {
-            log::debug!(
-                "delivery {tag}{}: short_code {:?}, timestamp {}",
-                if delivery.redelivered {
-                    " (redelivered)"
-                } else {
-                    ""
-                },
-                row.short_code,
-                row.timestamp
-            );
-            row.encode(batch.row_buffer());
-        });
+        let decoded = crate::encode::encode_into(
+            batch,
+            &self.shared.columns,
+            &body,
+            max_bytes,
+            (tag, delivery.redelivered),
+        );
         delivery.data = body;
         let invalid = match decoded {
             Ok(()) => {

@@ -36,7 +36,6 @@ pub(crate) struct Store {
     table: String,
     engine: String,
     on_cluster: String,
-    insert_sql: String,
 }
 
 impl std::fmt::Debug for Store {
@@ -72,11 +71,6 @@ impl Store {
             .with_validation(false);
         let database = config.clickhouse_database.clone();
         let table = config.clickhouse_table.clone();
-        let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
-        let insert_sql = format!(
-            "INSERT INTO {database}.{table} ({}) FORMAT RowBinary",
-            columns.join(", ")
-        );
         let on_cluster = config
             .clickhouse_cluster
             .as_ref()
@@ -88,7 +82,6 @@ impl Store {
             table,
             engine: config.clickhouse_table_engine.clone(),
             on_cluster,
-            insert_sql,
         })
     }
 
@@ -195,12 +188,28 @@ impl Store {
         Ok(())
     }
 
-    /// Sends one INSERT of pre-encoded rows. `Bytes` clones are free, so a retry re-sends
-    /// the same buffer.
-    pub(crate) async fn insert(&self, rows: Bytes) -> Result<(), InsertFailure> {
+    // --- Extra columns (`columns`): the layout is read through the client, and each
+    // batch is inserted with its own column list.
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Sends one INSERT of pre-encoded rows, `sql` naming the columns and the format
+    /// (`columns::Shape::insert_sql`). `Bytes` clones are free, so a retry re-sends the
+    /// same buffer.
+    pub(crate) async fn insert(&self, sql: String, rows: Bytes) -> Result<(), InsertFailure> {
         let mut insert = self
             .client
-            .insert_formatted_with(self.insert_sql.clone())
+            .insert_formatted_with(sql)
             .with_timeouts(Some(INSERT_TIMEOUT), Some(INSERT_TIMEOUT));
         let result = match insert.send(rows).await {
             Ok(()) => insert.end().await,
@@ -385,10 +394,6 @@ mod tests {
                 "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/t', '{replica}')"
             ),
             "ClickHouse macros are kept: {ddl}"
-        );
-        assert_eq!(
-            store.insert_sql,
-            "INSERT INTO db1.t1 (short_code, timestamp, user_agent, ip_address, referrer, original_url) FORMAT RowBinary"
         );
     }
 }
