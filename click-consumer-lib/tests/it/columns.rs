@@ -269,6 +269,7 @@ async fn every_type_of_clickhouse_18_16_is_filled_and_checked() {
 
 #[tokio::test]
 async fn columns_added_and_dropped_while_running_need_no_restart() {
+    let _ = env_logger::builder().is_test(true).try_init();
     let names = Names::new("alter");
     let config = config(&names).with_batch_timeout(Duration::from_millis(1500));
     let running = start(Consumer::new(config.clone()).unwrap());
