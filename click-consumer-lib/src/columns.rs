@@ -115,7 +115,7 @@ impl Layout {
             .fetch_all::<TableColumn>()
             .await
             .map_err(|e| Error::clickhouse(format!("failed to read the columns of `{table}`"), e))?;
-        // `system.formats` exists on 18.16 and later; RowBinaryWithDefaults since 23.x.
+        // `system.formats` exists on 18.16 (without RowBinaryWithDefaults) and later.
         let with_defaults = client
             .query("SELECT count() FROM system.formats WHERE name = 'RowBinaryWithDefaults' AND is_input")
             .fetch_one::<u64>()

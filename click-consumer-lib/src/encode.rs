@@ -125,3 +125,27 @@ pub(crate) fn ranges_without(rows: usize, refused: &[RefusedRow]) -> Vec<Range<u
     }
     ranges
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::InvalidKind;
+
+    #[test]
+    #[allow(clippy::single_range_in_vec_init)] // arrays of ranges are what is compared
+    fn ranges_skip_the_refused_rows() {
+        let refused = |indexes: &[usize]| -> Vec<RefusedRow> {
+            indexes
+                .iter()
+                .map(|&index| RefusedRow {
+                    index,
+                    reason: InvalidMessage::new(InvalidKind::InvalidField, "x"),
+                })
+                .collect()
+        };
+        assert_eq!(ranges_without(5, &[]), [0..5]);
+        assert_eq!(ranges_without(5, &refused(&[0, 2])), [1..2, 3..5]);
+        assert_eq!(ranges_without(3, &refused(&[2])), [0..2]);
+        assert_eq!(ranges_without(2, &refused(&[0, 1])), []);
+    }
+}

@@ -671,6 +671,82 @@ mod tests {
         assert_eq!(buf, [2, b'a', b'b', 1, 0, 0, 0, 0, 0, 0, 1, b'u']);
     }
 
+    fn layout(with_defaults: bool) -> std::sync::Arc<Layout> {
+        use crate::columns::Extra;
+        let extra = |name: &str, ty: &str, has_default| Extra {
+            name: name.to_owned(),
+            type_name: ty.to_owned(),
+            ty: ColumnType::parse(ty).unwrap(),
+            has_default,
+        };
+        std::sync::Arc::new(Layout {
+            extras: vec![
+                extra("n", "UInt8", false),
+                extra("tag", "Nullable(String)", false),
+                extra("d", "UInt16", true),
+            ],
+            with_defaults,
+        })
+    }
+
+    const CONTRACT_BYTES: [u8; 10] = [1, b'x', 1, 0, 0, 0, 0, 0, 0, 0];
+
+    #[test]
+    fn extra_fields_are_encoded_after_the_contract_columns() {
+        let layout = layout(false);
+        let body =
+            br#"{"short_code":"x","d":7,"timestamp":"1970-01-01T00:00:01Z","n":5,"other":[1]}"#;
+        let row = Row::decode_with(body, 1 << 20, &layout).unwrap();
+        let mut shape = Shape::new(layout);
+        assert!(
+            row.needs_more_than(&shape),
+            "`d` has a DEFAULT and is named"
+        );
+        row.widen(&mut shape);
+        let mut buf = Vec::new();
+        row.encode_with(&shape, &mut buf).unwrap();
+        assert_eq!(buf, [&CONTRACT_BYTES[..], &[5, 1, 7, 0]].concat());
+    }
+
+    #[test]
+    fn row_binary_with_defaults_flags_every_value() {
+        let layout = layout(true);
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","tag":null}"#;
+        let row = Row::decode_with(body, 1 << 20, &layout).unwrap();
+        let mut shape = Shape::new(layout);
+        shape.written[2] = true;
+        let mut buf = Vec::new();
+        row.encode_with(&shape, &mut buf).unwrap();
+        // Each contract value after a 0: short_code, timestamp, then four empty strings.
+        let contract = [0, 1, b'x', 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        // n missing: default (1); tag null: NULL (0 then the null flag 1); d missing: default.
+        assert_eq!(buf, [&contract[..], &[1, 0, 1, 1]].concat());
+    }
+
+    #[test]
+    fn misfits_and_duplicates_are_invalid_fields_and_leave_the_buffer_alone() {
+        let layout = layout(false);
+        let shape = Shape::new(layout.clone());
+        let mut buf = vec![9];
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","n":256}"#;
+        let err = Row::decode_with(body, 1 << 20, &layout)
+            .unwrap()
+            .encode_with(&shape, &mut buf)
+            .unwrap_err();
+        assert_eq!(err.kind(), InvalidKind::InvalidField);
+        assert_eq!(
+            err.to_string(),
+            "field `n` (UInt8 column): 256 is out of range"
+        );
+        assert_eq!(buf, [9]);
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","n":1,"n":2}"#;
+        let err = Row::decode_with(body, 1 << 20, &layout).unwrap_err();
+        assert_eq!(err.kind(), InvalidKind::InvalidField);
+        assert!(err.to_string().contains("duplicate field `n`"), "{err}");
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","n":1,"n":2}"#;
+        Row::decode(body, 1 << 20).expect("without the column, `n` is just ignored");
+    }
+
     #[test]
     fn public_decode_round_trips() {
         let event = ClickEvent::new("abc", "2024-01-15T12:30:00+02:00").with_referrer("r");
