@@ -7,6 +7,7 @@
 #   scripts/bench.sh                                   # defaults: 200,000 messages, 3 repeats, 30 s latency phase
 #   scripts/bench.sh --messages 50000 --repeats 1 --latency-seconds 10
 #   scripts/bench.sh --messages 2000000 --repeats 1 --skip-reference --skip-latency   # peak RSS vs queue depth
+#   scripts/bench.sh --messages 50000 --skip-latency --extra-columns   # ten typed extra columns (issue 13)
 #   scripts/bench.sh --help
 #
 # Arguments go to click-consumer-bench unchanged. Takes a few minutes at the defaults on

@@ -39,6 +39,10 @@ impl Bench {
 
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     check(args)?;
+    if args.extra_columns {
+        crate::extra::enable();
+        eprintln!("click-consumer-bench: scenario: ten typed extra columns and fields");
+    }
     let own_binary = std::env::current_exe().context("cannot find this binary's path")?;
     let consumer_binary = consumer_binary(args, &own_binary)?;
     let date = RunDate::now();

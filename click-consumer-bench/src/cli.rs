@@ -40,6 +40,11 @@ pub(crate) struct BenchArgs {
     #[arg(long)]
     pub(crate) skip_reference: bool,
 
+    /// Scenario: ten typed extra columns in the table, filled from ten extra fields of
+    /// every click (see `extra`).
+    #[arg(long)]
+    pub(crate) extra_columns: bool,
+
     /// Skip the steady-rate latency phase.
     #[arg(long)]
     pub(crate) skip_latency: bool,

@@ -95,6 +95,9 @@ pub(crate) fn click_consumer(bench: &Bench) -> anyhow::Result<DrainRun> {
     let target = Target::new("drain");
     let table = target.table(&bench.servers.clickhouse);
     create_table(bench, &target)?;
+    if crate::extra::enabled() {
+        crate::extra::add_columns(&bench.servers.clickhouse, &table);
+    }
     table.stop_merges();
     let prefill = fill(bench, &target)?;
     let mut service = Service::start(&bench.consumer_binary, &bench.servers, &target)?;
@@ -121,6 +124,9 @@ pub(crate) fn click_consumer(bench: &Bench) -> anyhow::Result<DrainRun> {
         );
     }
     run.rows = Some(rows);
+    if crate::extra::enabled() {
+        crate::extra::check_filled(&bench.servers.clickhouse, &table, rows)?;
+    }
     run.parts = Some(table.parts());
     table.drop_database();
     bench

@@ -17,6 +17,7 @@ mod child;
 mod cli;
 mod drain;
 mod events;
+mod extra;
 mod http;
 mod latency;
 mod machine;

@@ -69,6 +69,11 @@ async fn publish_chunks(
         if start >= messages {
             return Ok(());
         }
+        if crate::extra::enabled() {
+            let range = start..messages.min(start + CHUNK);
+            crate::extra::publish(&publisher, range).await?;
+            continue;
+        }
         let chunk: Vec<ClickEvent> = (start..messages.min(start + CHUNK))
             .map(events::click)
             .collect();

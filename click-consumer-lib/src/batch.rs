@@ -13,6 +13,7 @@ use std::{
 use bytes::Bytes;
 use tokio::time::Instant;
 
+use crate::columns::Shape;
 use crate::dead_letter::Origin;
 use crate::event::InvalidMessage;
 
@@ -41,6 +42,8 @@ pub(crate) struct Batch {
     bodies: Vec<u8>,
     sources: Vec<Source>,
     opened_at: Option<Instant>,
+    /// The columns the rows are encoded with (see `columns`).
+    pub(crate) shape: Shape,
 }
 
 /// The buffers of a committed batch, kept for the next one: a batch's buffers are
@@ -66,6 +69,7 @@ impl Recycler {
             bodies: parts.bodies,
             sources: parts.sources,
             opened_at: None,
+            shape: parts.shape,
         };
         batch.rows.clear();
         batch.row_ends.clear();
@@ -83,6 +87,7 @@ impl Batch {
             bodies: Vec::with_capacity(rows * 256),
             sources: Vec::with_capacity(rows),
             opened_at: None,
+            shape: Shape::default(),
         }
     }
 
@@ -147,8 +152,39 @@ impl Batch {
             row_ends: self.row_ends,
             bodies: self.bodies,
             sources: self.sources,
+            shape: self.shape,
         }
     }
+
+    // --- Extra columns (`encode`): a row encoded with the batch's shape, and the rows
+    // encoded again when the shape widens.
+
+    /// The batch's shape and where the next row is encoded.
+    pub(crate) fn shape_and_rows(&mut self) -> (&Shape, &mut Vec<u8>) {
+        (&self.shape, &mut self.rows)
+    }
+
+    /// The bodies of the rows, in row order.
+    pub(crate) fn bodies(&self) -> impl Iterator<Item = &[u8]> {
+        bodies(&self.bodies, &self.sources)
+    }
+
+    /// Replaces the encoded rows with the same rows encoded with another shape.
+    pub(crate) fn replace_rows(&mut self, rows: Vec<u8>, row_ends: Vec<usize>) {
+        debug_assert_eq!(row_ends.len(), self.row_ends.len());
+        self.rows = rows;
+        self.row_ends = row_ends;
+    }
+}
+
+/// The bodies of `sources`, in order, out of the buffer they are kept in.
+fn bodies<'a>(buffer: &'a [u8], sources: &'a [Source]) -> impl Iterator<Item = &'a [u8]> {
+    let mut start = 0;
+    sources.iter().map(move |source| {
+        let body = &buffer[start..source.body_end];
+        start = source.body_end;
+        body
+    })
 }
 
 /// A flushed batch.
@@ -158,9 +194,16 @@ pub(crate) struct BatchParts {
     pub(crate) row_ends: Vec<usize>,
     bodies: Vec<u8>,
     pub(crate) sources: Vec<Source>,
+    /// The columns the rows are encoded with.
+    pub(crate) shape: Shape,
 }
 
 impl BatchParts {
+    /// The bodies of the rows, in row order.
+    pub(crate) fn bodies(&self) -> impl Iterator<Item = &[u8]> {
+        bodies(&self.bodies, &self.sources)
+    }
+
     /// The RowBinary bytes of rows `range`.
     pub(crate) fn rows_bytes(&self, range: Range<usize>) -> Bytes {
         self.rows.slice(span(&self.row_ends, range))

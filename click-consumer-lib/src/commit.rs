@@ -71,6 +71,8 @@ pub(crate) struct Committer {
     pub(crate) recycler: Recycler,
     /// The queue's `x-delivery-limit` (quorum queues).
     pub(crate) delivery_limit: Option<u32>,
+    /// The table's layout, read again when an INSERT fails on the table's shape.
+    pub(crate) columns: Arc<crate::columns::Columns>,
 }
 
 impl std::fmt::Debug for Committer {
@@ -84,6 +86,8 @@ impl std::fmt::Debug for Committer {
 /// An INSERT that did not go through.
 enum Stop {
     Refused(clickhouse::error::Error),
+    /// Refused for the table's shape (a column dropped): fatal unless the layout changed.
+    Shape(clickhouse::error::Error),
     Give(Outcome),
 }
 
@@ -107,9 +111,9 @@ impl Drop for StoredNotAcked<'_> {
 }
 
 impl Committer {
-    pub(crate) async fn commit(self, batch: BatchParts) -> Outcome {
+    pub(crate) async fn commit(self, mut batch: BatchParts) -> Outcome {
         let started = Instant::now();
-        let refused = match self.insert_all(&batch).await {
+        let refused = match self.insert_all(&mut batch).await {
             Ok(refused) => refused,
             Err(Outcome::Released) => return self.release(batch).await,
             Err(outcome) => return outcome,
@@ -185,7 +189,7 @@ impl Committer {
 
     /// Inserts every row; on a refusal, halves the range until the refused rows are
     /// found, within a budget of INSERTs and time. Returns the refused rows.
-    async fn insert_all(&self, batch: &BatchParts) -> Result<Vec<RefusedRow>, Outcome> {
+    async fn insert_all(&self, batch: &mut BatchParts) -> Result<Vec<RefusedRow>, Outcome> {
         let mut refused = Vec::new();
         let whole: Range<usize> = 0..batch.len();
         let mut todo = vec![whole];
@@ -204,8 +208,23 @@ impl Committer {
             match self.insert_retrying(batch, range.clone()).await {
                 Ok(()) => {}
                 Err(Stop::Give(outcome)) => return Err(outcome),
-                Err(Stop::Refused(error)) => {
+                Err(Stop::Refused(error) | Stop::Shape(error)) => {
                     if search.is_none() {
+                        // Columns added, dropped or retyped: encode the batch again.
+                        match crate::encode::reshape_if_changed(&self.columns, &self.store, batch)
+                            .await
+                        {
+                            Ok(Some(misfits)) => {
+                                search = Some((Instant::now(), 0));
+                                todo = crate::encode::ranges_without(batch.len(), &misfits);
+                                todo.reverse();
+                                refused = misfits;
+                                continue;
+                            }
+                            Ok(None) => {}
+                            Err(e) if e.is_transient() => {}
+                            Err(e) => return Err(Outcome::Fatal(e)),
+                        }
                         // A refusal caused by the table itself (altered under us) must
                         // stop the consumer, not dead-letter every row.
                         self.check_table().await?;
@@ -214,6 +233,11 @@ impl Committer {
                             range.len()
                         );
                         search = Some((Instant::now(), 0));
+                    }
+                    if crate::columns::is_shape_error(&error) {
+                        let context =
+                            format!("INSERT into {} failed", self.store.qualified_table());
+                        return Err(Outcome::Fatal(Error::clickhouse(context, error)));
                     }
                     if range.len() == 1 {
                         refused.push(RefusedRow {
@@ -259,12 +283,13 @@ impl Committer {
     /// was committed after all (see [`Store::insert`]).
     async fn insert_retrying(&self, batch: &BatchParts, range: Range<usize>) -> Result<(), Stop> {
         let rows = batch.rows_bytes(range.clone());
+        let sql = batch.shape.insert_sql(&self.store.qualified_table());
         let mut backoff = Backoff::new(self.initial_backoff, self.max_backoff);
         let failing_since = Instant::now();
         let mut ambiguous = false;
         loop {
             let attempt = Instant::now();
-            match self.store.insert(rows.clone()).await {
+            match self.store.insert(sql.clone(), rows.clone()).await {
                 Ok(()) => {
                     if ambiguous && !self.store.deduplicates() {
                         self.metrics.insert_retries_not_deduplicated.inc();
@@ -279,6 +304,9 @@ impl Committer {
                     return Ok(());
                 }
                 Err(InsertFailure::Rejected(e)) => return Err(Stop::Refused(e)),
+                Err(InsertFailure::Fatal(e)) if crate::columns::is_shape_error(&e) => {
+                    return Err(Stop::Shape(e));
+                }
                 Err(InsertFailure::Fatal(e)) => {
                     let context = format!("INSERT into {} failed", self.store.qualified_table());
                     return Err(Stop::Give(Outcome::Fatal(Error::clickhouse(context, e))));

@@ -82,6 +82,7 @@ impl Consumer {
                 metrics: Arc::new(Metrics::new()),
                 consumer_tag,
                 on_commit: None,
+                columns: Arc::default(),
             },
         })
     }
@@ -148,6 +149,11 @@ impl Consumer {
         if !self.start_clickhouse(&stop, started).await? {
             return Ok(self.finish());
         }
+        // Columns added or dropped while running are picked up without a restart.
+        let _refresh = AbortOnDrop(tokio::spawn(crate::columns::keep_fresh(
+            self.shared.columns.clone(),
+            self.shared.store.clone(),
+        )));
         let config = &self.shared.config;
         let metrics = &self.shared.metrics;
         let mut stats = StatsLog::new(metrics.clone());
@@ -302,6 +308,7 @@ impl Consumer {
             }
         }
         store.ensure_schema().await?;
+        self.shared.columns.refresh(store).await?;
         self.shared.metrics.set_clickhouse_up(true);
         log::info!("table {} is ready", store.qualified_table());
         Ok(true)
@@ -327,6 +334,15 @@ impl Consumer {
                 Err(e) => log::warn!("ClickHouse still failing: {e}"),
             }
         }
+    }
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

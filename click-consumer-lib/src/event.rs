@@ -5,6 +5,8 @@ use std::{borrow::Cow, fmt};
 
 use serde::{Deserialize, Deserializer, Serialize, de};
 
+use crate::columns::{Layout, Shape};
+use crate::field::{ColumnType, Value};
 use crate::{rowbinary, timestamp};
 
 /// One click, as the shortener publishes it: one JSON object per message.
@@ -187,23 +189,79 @@ pub(crate) struct Row<'a> {
     pub(crate) ip_address: Cow<'a, str>,
     pub(crate) referrer: Cow<'a, str>,
     pub(crate) original_url: Cow<'a, str>,
+    /// The values of the layout's extra columns, by index (`None`: missing).
+    pub(crate) extras: Vec<Option<Value<'a>>>,
 }
 
-/// The JSON object, fields borrowed where no unescaping is needed.
-#[derive(Deserialize)]
+/// The JSON object, fields borrowed where no unescaping is needed; `extras` holds the
+/// fields named like the layout's extra columns (`Some(Value::Null)` for a `null`).
 struct Wire<'a> {
-    #[serde(borrow, default)]
     short_code: Option<Text<'a>>,
-    #[serde(borrow, default)]
     timestamp: Option<Text<'a>>,
-    #[serde(borrow, default)]
     user_agent: Option<Text<'a>>,
-    #[serde(borrow, default)]
     ip_address: Option<Text<'a>>,
-    #[serde(borrow, default)]
     referrer: Option<Text<'a>>,
-    #[serde(borrow, default)]
     original_url: Option<Text<'a>>,
+    extras: Vec<Option<Value<'a>>>,
+}
+
+/// Decodes a [`Wire`] in one pass over the object: contract fields by name, extra
+/// fields by the layout, anything else skipped without allocating.
+struct WireSeed<'l>(&'l Layout);
+
+impl<'de> de::DeserializeSeed<'de> for WireSeed<'_> {
+    type Value = Wire<'de>;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> de::Visitor<'de> for WireSeed<'_> {
+    type Value = Wire<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a click event object")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        /// A contract field: `None` unseen, `Some(None)` null.
+        type Seen<'a> = Option<Option<Text<'a>>>;
+        let mut contract: [Seen<'de>; 6] = Default::default();
+        let mut extras: Vec<Option<Value<'de>>> = (0..self.0.extras.len()).map(|_| None).collect();
+        while let Some(key) = map.next_key::<Text<'de>>()? {
+            let key = &*key.0;
+            if let Some(i) = COLUMNS.iter().position(|(name, _)| *name == key) {
+                if contract[i].is_some() {
+                    return Err(de::Error::duplicate_field(COLUMNS[i].0));
+                }
+                contract[i] = Some(map.next_value()?);
+            } else if let Some(i) = self.0.extra(key) {
+                if extras[i].is_some() {
+                    return Err(de::Error::custom(format_args!("duplicate field `{key}`")));
+                }
+                extras[i] = Some(map.next_value()?);
+            } else {
+                map.next_value::<de::IgnoredAny>()?;
+            }
+        }
+        let [
+            short_code,
+            timestamp,
+            user_agent,
+            ip_address,
+            referrer,
+            original_url,
+        ] = contract.map(Option::flatten);
+        Ok(Wire {
+            short_code,
+            timestamp,
+            user_agent,
+            ip_address,
+            referrer,
+            original_url,
+            extras,
+        })
+    }
 }
 
 /// A JSON string, borrowed from the input unless it had escapes.
@@ -236,8 +294,18 @@ fn text(field: Option<Text<'_>>) -> Cow<'_, str> {
 }
 
 impl<'a> Row<'a> {
-    /// Applies every decoding rule to a message body.
+    /// Applies every decoding rule to a message body (contract columns only).
     pub(crate) fn decode(body: &'a [u8], max_bytes: usize) -> Result<Self, InvalidMessage> {
+        Self::decode_with(body, max_bytes, &Layout::default())
+    }
+
+    /// Applies every decoding rule to a message body, keeping the fields of `layout`'s
+    /// extra columns (their values are checked when the row is encoded).
+    pub(crate) fn decode_with(
+        body: &'a [u8],
+        max_bytes: usize,
+        layout: &Layout,
+    ) -> Result<Self, InvalidMessage> {
         use InvalidKind::*;
         if body.len() > max_bytes {
             return Err(InvalidMessage::new(
@@ -273,7 +341,10 @@ impl<'a> Row<'a> {
                 format!("body nests arrays or objects deeper than {MAX_NESTING} levels"),
             ));
         }
-        let wire: Wire<'a> = serde_json::from_str(json).map_err(|e| match e.classify() {
+        let mut parser = serde_json::Deserializer::from_str(json);
+        let wire = de::DeserializeSeed::deserialize(WireSeed(layout), &mut parser)
+            .and_then(|wire| parser.end().map(|()| wire));
+        let wire: Wire<'a> = wire.map_err(|e| match e.classify() {
             serde_json::error::Category::Data => {
                 InvalidMessage::new(InvalidField, format!("invalid click event: {e}"))
             }
@@ -306,17 +377,96 @@ impl<'a> Row<'a> {
             ip_address: text(wire.ip_address),
             referrer: text(wire.referrer),
             original_url: text(wire.original_url),
+            extras: wire.extras,
         })
     }
 
     /// Appends the row in RowBinary, columns in [`COLUMNS`] order.
+    #[cfg(test)]
     pub(crate) fn encode(&self, buf: &mut Vec<u8>) {
+        self.encode_contract(buf, false);
+    }
+
+    /// The contract columns; with `flagged`, each value preceded by the 0 byte of
+    /// RowBinaryWithDefaults ("a value follows").
+    fn encode_contract(&self, buf: &mut Vec<u8>, flagged: bool) {
+        let flag = |buf: &mut Vec<u8>| {
+            if flagged {
+                buf.push(0);
+            }
+        };
+        flag(buf);
         rowbinary::put_string(buf, &self.short_code);
+        flag(buf);
         rowbinary::put_datetime(buf, self.timestamp);
-        rowbinary::put_string(buf, &self.user_agent);
-        rowbinary::put_string(buf, &self.ip_address);
-        rowbinary::put_string(buf, &self.referrer);
-        rowbinary::put_string(buf, &self.original_url);
+        for text in [
+            &self.user_agent,
+            &self.ip_address,
+            &self.referrer,
+            &self.original_url,
+        ] {
+            flag(buf);
+            rowbinary::put_string(buf, text);
+        }
+    }
+
+    /// Appends the row as `shape` lays it out: contract columns, then the extra columns
+    /// the shape writes, each value checked against its column's type. On a value that
+    /// does not fit, `buf` is left as it was.
+    ///
+    /// # Errors
+    /// [`InvalidKind::InvalidField`] naming the field and the column's type.
+    pub(crate) fn encode_with(
+        &self,
+        shape: &Shape,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), InvalidMessage> {
+        let layout = &*shape.layout;
+        let start = buf.len();
+        self.encode_contract(buf, layout.with_defaults);
+        for ((column, value), written) in layout.extras.iter().zip(&self.extras).zip(&shape.written)
+        {
+            if !written {
+                continue;
+            }
+            if layout.with_defaults {
+                let absent = matches!(value, None | Some(Value::Null));
+                if absent && !matches!(column.ty, ColumnType::Nullable(_)) {
+                    buf.push(1); // the column's DEFAULT
+                    continue;
+                }
+                buf.push(0);
+            }
+            if let Err(misfit) = column.ty.put(value.as_ref(), buf) {
+                buf.truncate(start);
+                return Err(InvalidMessage::new(
+                    InvalidKind::InvalidField,
+                    format!(
+                        "field `{}` ({} column): {misfit}",
+                        column.name, column.type_name
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the row names (with a non-null value) an extra column `shape` does not
+    /// write yet.
+    pub(crate) fn needs_more_than(&self, shape: &Shape) -> bool {
+        self.extras
+            .iter()
+            .zip(&shape.written)
+            .any(|(value, written)| !written && !matches!(value, None | Some(Value::Null)))
+    }
+
+    /// Marks the extra columns this row names as written by `shape`.
+    pub(crate) fn widen(&self, shape: &mut Shape) {
+        for (value, written) in self.extras.iter().zip(&mut shape.written) {
+            if !matches!(value, None | Some(Value::Null)) {
+                *written = true;
+            }
+        }
     }
 }
 
@@ -526,6 +676,82 @@ mod tests {
         let mut buf = Vec::new();
         row.encode(&mut buf);
         assert_eq!(buf, [2, b'a', b'b', 1, 0, 0, 0, 0, 0, 0, 1, b'u']);
+    }
+
+    fn layout(with_defaults: bool) -> std::sync::Arc<Layout> {
+        use crate::columns::Extra;
+        let extra = |name: &str, ty: &str, has_default| Extra {
+            name: name.to_owned(),
+            type_name: ty.to_owned(),
+            ty: ColumnType::parse(ty).unwrap(),
+            has_default,
+        };
+        std::sync::Arc::new(Layout {
+            extras: vec![
+                extra("n", "UInt8", false),
+                extra("tag", "Nullable(String)", false),
+                extra("d", "UInt16", true),
+            ],
+            with_defaults,
+        })
+    }
+
+    const CONTRACT_BYTES: [u8; 10] = [1, b'x', 1, 0, 0, 0, 0, 0, 0, 0];
+
+    #[test]
+    fn extra_fields_are_encoded_after_the_contract_columns() {
+        let layout = layout(false);
+        let body =
+            br#"{"short_code":"x","d":7,"timestamp":"1970-01-01T00:00:01Z","n":5,"other":[1]}"#;
+        let row = Row::decode_with(body, 1 << 20, &layout).unwrap();
+        let mut shape = Shape::new(layout);
+        assert!(
+            row.needs_more_than(&shape),
+            "`d` has a DEFAULT and is named"
+        );
+        row.widen(&mut shape);
+        let mut buf = Vec::new();
+        row.encode_with(&shape, &mut buf).unwrap();
+        assert_eq!(buf, [&CONTRACT_BYTES[..], &[5, 1, 7, 0]].concat());
+    }
+
+    #[test]
+    fn row_binary_with_defaults_flags_every_value() {
+        let layout = layout(true);
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","tag":null}"#;
+        let row = Row::decode_with(body, 1 << 20, &layout).unwrap();
+        let mut shape = Shape::new(layout);
+        shape.written[2] = true;
+        let mut buf = Vec::new();
+        row.encode_with(&shape, &mut buf).unwrap();
+        // Each contract value after a 0: short_code, timestamp, then four empty strings.
+        let contract = [0, 1, b'x', 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        // n missing: default (1); tag null: NULL (0 then the null flag 1); d missing: default.
+        assert_eq!(buf, [&contract[..], &[1, 0, 1, 1]].concat());
+    }
+
+    #[test]
+    fn misfits_and_duplicates_are_invalid_fields_and_leave_the_buffer_alone() {
+        let layout = layout(false);
+        let shape = Shape::new(layout.clone());
+        let mut buf = vec![9];
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","n":256}"#;
+        let err = Row::decode_with(body, 1 << 20, &layout)
+            .unwrap()
+            .encode_with(&shape, &mut buf)
+            .unwrap_err();
+        assert_eq!(err.kind(), InvalidKind::InvalidField);
+        assert_eq!(
+            err.to_string(),
+            "field `n` (UInt8 column): 256 is out of range"
+        );
+        assert_eq!(buf, [9]);
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","n":1,"n":2}"#;
+        let err = Row::decode_with(body, 1 << 20, &layout).unwrap_err();
+        assert_eq!(err.kind(), InvalidKind::InvalidField);
+        assert!(err.to_string().contains("duplicate field `n`"), "{err}");
+        let body = br#"{"short_code":"x","timestamp":"1970-01-01T00:00:01Z","n":1,"n":2}"#;
+        Row::decode(body, 1 << 20).expect("without the column, `n` is just ignored");
     }
 
     #[test]

@@ -35,6 +35,8 @@
 //! # Layout
 //! - [`config`]: [`Config`], its defaults, validation and `from_env`.
 //! - `event`: [`ClickEvent`] and the decoding rules ([`InvalidMessage`]).
+//! - Extra columns filled from same-named fields: `columns` (the table's layout, read and
+//!   refreshed), `field` (types, JSON values, typed RowBinary), `encode` (rows into a batch).
 //! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `commit`,
 //!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology).
 //! - [`ClickPublisher`] (`publisher`): publish clicks from the shortener.
@@ -48,13 +50,16 @@ mod ack;
 mod backoff;
 mod batch;
 mod broker;
+mod columns;
 mod commit;
 pub mod config;
 mod consumer;
 mod dead_letter;
+mod encode;
 mod error;
 mod event;
 mod exposition;
+mod field;
 mod metrics;
 mod publisher;
 mod rowbinary;

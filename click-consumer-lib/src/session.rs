@@ -21,7 +21,6 @@ use crate::commit::{Committer, Outcome};
 use crate::config::Config;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::error::Error;
-use crate::event::Row;
 use crate::metrics::{Metrics, StatsLog};
 use crate::store::Store;
 
@@ -68,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) consumer_tag: String,
     pub(crate) on_commit: Option<crate::commit::CommitHook>,
+    /// The table's layout (extra columns), shared with the commits.
+    pub(crate) columns: Arc<crate::columns::Columns>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -153,6 +154,7 @@ impl Session {
             release_after: config.insert_release_after,
             on_commit: shared.on_commit.clone(),
             recycler: Recycler::default(),
+            columns: shared.columns.clone(),
             delivery_limit: (config.queue_type == crate::config::QueueType::Quorum)
                 .then_some(broker::QUORUM_DELIVERY_LIMIT as u32),
         };
@@ -284,16 +286,13 @@ impl Session {
         };
         let max_bytes = self.shared.config.max_message_bytes;
         // The row is encoded straight into the batch.
-        let decoded = Row::decode(&body, max_bytes).map(|row| {
-            log::debug!(
-                "delivery {tag}{}: short_code {:?}, timestamp {}",
-                if redelivered { " (redelivered)" } else { "" },
-                row.short_code,
-                row.timestamp
-            );
-            row.encode(batch.row_buffer());
-            row.timestamp
-        });
+        let decoded = crate::encode::encode_into(
+            batch,
+            &self.shared.columns,
+            &body,
+            max_bytes,
+            (tag, redelivered),
+        );
         match decoded {
             Ok(event_time) => {
                 let published = origin

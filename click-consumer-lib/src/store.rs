@@ -46,7 +46,6 @@ pub(crate) struct Store {
     table: String,
     engine: String,
     on_cluster: String,
-    insert_sql: String,
     /// What the server and the table offer against storing a retried INSERT twice.
     dedup: Arc<Dedup>,
 }
@@ -94,11 +93,6 @@ impl Store {
             .with_validation(false);
         let database = config.clickhouse_database.clone();
         let table = config.clickhouse_table.clone();
-        let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
-        let insert_sql = format!(
-            "INSERT INTO {database}.{table} ({}) FORMAT RowBinary",
-            columns.join(", ")
-        );
         let on_cluster = config
             .clickhouse_cluster
             .as_ref()
@@ -110,7 +104,6 @@ impl Store {
             table,
             engine: config.clickhouse_table_engine.clone(),
             on_cluster,
-            insert_sql,
             dedup: Arc::default(),
         })
     }
@@ -266,14 +259,30 @@ impl Store {
         Ok(())
     }
 
-    /// Sends one INSERT of pre-encoded rows. `Bytes` clones are free, so a retry re-sends
-    /// the identical block, which a Replicated* table drops if an earlier attempt was
+    // --- Extra columns (`columns`): the layout is read through the client, and each
+    // batch is inserted with its own column list.
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub(crate) fn database(&self) -> &str {
+        &self.database
+    }
+
+    pub(crate) fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Sends one INSERT of pre-encoded rows, `sql` naming the columns and the format
+    /// (`columns::Shape::insert_sql`). `Bytes` clones are free, so a retry re-sends the
+    /// identical block, which a Replicated* table drops if an earlier attempt was
     /// committed after all; on servers that have it, `insert_deduplication_token` (a hash
     /// of the block) names the block too.
-    pub(crate) async fn insert(&self, rows: Bytes) -> Result<(), InsertFailure> {
+    pub(crate) async fn insert(&self, sql: String, rows: Bytes) -> Result<(), InsertFailure> {
         let mut insert = self
             .client
-            .insert_formatted_with(self.insert_sql.clone())
+            .insert_formatted_with(sql)
             .with_timeouts(Some(INSERT_TIMEOUT), Some(INSERT_TIMEOUT));
         if self.dedup.token.load(Ordering::Relaxed) {
             insert = insert.with_setting("insert_deduplication_token", dedup_token(&rows));
@@ -457,7 +466,13 @@ mod tests {
         let store =
             Store::new(&Config::default().with_clickhouse_url(format!("http://127.0.0.1:{port}")))
                 .unwrap();
-        match store.insert(Bytes::from_static(b"x")).await {
+        match store
+            .insert(
+                "INSERT INTO t FORMAT RowBinary".to_owned(),
+                Bytes::from_static(b"x"),
+            )
+            .await
+        {
             Err(InsertFailure::Transient(e)) => assert!(!is_ambiguous(&e), "{e:?}"),
             other => panic!("expected a transient failure, got {other:?}"),
         }
@@ -507,10 +522,6 @@ mod tests {
                 "ENGINE = ReplicatedMergeTree('/clickhouse/tables/{shard}/t', '{replica}')"
             ),
             "ClickHouse macros are kept: {ddl}"
-        );
-        assert_eq!(
-            store.insert_sql,
-            "INSERT INTO db1.t1 (short_code, timestamp, user_agent, ip_address, referrer, original_url) FORMAT RowBinary"
         );
     }
 }

@@ -53,6 +53,41 @@ pub(crate) fn parse(s: &str) -> Result<u32, InvalidTimestamp> {
     })
 }
 
+/// Parses `YYYY-MM-DD` into days since 1970-01-01 (ClickHouse `Date`: up to 2149-06-06).
+pub(crate) fn parse_date(s: &str) -> Result<u16, InvalidTimestamp> {
+    let b = s.as_bytes();
+    const DATE_SHAPE: InvalidTimestamp = InvalidTimestamp("expected a date like 2024-01-15");
+    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' {
+        return Err(DATE_SHAPE);
+    }
+    let digits = |at, len| digits(b, at, len).map_err(|_| DATE_SHAPE);
+    let (year, month, day) = (digits(0, 4)?, digits(5, 2)?, digits(8, 2)?);
+    if !(1..=12).contains(&month) || day == 0 || day > days_in_month(year, month) {
+        return Err(InvalidTimestamp("the date does not exist"));
+    }
+    u16::try_from(days_from_civil(year, month, day))
+        .map_err(|_| InvalidTimestamp("outside ClickHouse Date's range (1970-01-01 to 2149-06-06)"))
+}
+
+/// Parses `s` by the rules of [`parse`] into ticks of 10^-`precision` seconds since the
+/// epoch (ClickHouse `DateTime64(precision)`), keeping the fraction up to `precision`
+/// digits (further digits are dropped).
+pub(crate) fn parse_ticks(s: &str, precision: u32) -> Result<i64, InvalidTimestamp> {
+    let seconds = parse(s)?;
+    let scale = 10i64.pow(precision);
+    let mut fraction = 0i64;
+    if let Some((b'.' | b',', tail)) = s.as_bytes().get(19..).and_then(<[u8]>::split_first) {
+        let digits = tail.iter().take_while(|c| c.is_ascii_digit());
+        for (i, &d) in digits.enumerate() {
+            if i as u32 >= precision {
+                break;
+            }
+            fraction += i64::from(d - b'0') * 10i64.pow(precision - 1 - i as u32);
+        }
+    }
+    Ok(i64::from(seconds) * scale + fraction)
+}
+
 fn digits(b: &[u8], at: usize, len: usize) -> Result<u32, InvalidTimestamp> {
     b[at..at + len].iter().try_fold(0u32, |acc, &c| {
         if c.is_ascii_digit() {
