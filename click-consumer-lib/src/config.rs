@@ -47,6 +47,12 @@ pub mod defaults {
     pub const BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
     /// `MAX_MESSAGE_BYTES`: larger bodies are dead-lettered unread.
     pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+    /// `MAX_INFLIGHT_BYTES`: message bodies received and not yet acknowledged, at most.
+    /// 64 MiB is two full batches (`BATCH_MAX_BYTES`) of bodies, which keeps large
+    /// messages flowing while one batch is written; each body is held about three times
+    /// over at worst (the client's buffer, the encoded row, the INSERT), which keeps the
+    /// process well under a 256 MiB container limit. Normal clicks never reach it.
+    pub const MAX_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;
     /// `SHUTDOWN_TIMEOUT_MS`: below Docker's 10 s stop timeout.
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 8_000;
     /// `STARTUP_TIMEOUT_MS`: how long start-up waits for both servers.
@@ -174,6 +180,7 @@ pub struct Config {
     pub(crate) batch_max_bytes: usize,
     pub(crate) prefetch: Option<u16>,
     pub(crate) max_message_bytes: usize,
+    pub(crate) max_inflight_bytes: usize,
     pub(crate) consumer_tag: Option<String>,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) startup_timeout: Duration,
@@ -212,6 +219,7 @@ impl Default for Config {
             batch_max_bytes: BATCH_MAX_BYTES,
             prefetch: None,
             max_message_bytes: MAX_MESSAGE_BYTES,
+            max_inflight_bytes: MAX_INFLIGHT_BYTES,
             consumer_tag: None,
             shutdown_timeout: Duration::from_millis(SHUTDOWN_TIMEOUT_MS),
             startup_timeout: Duration::from_millis(STARTUP_TIMEOUT_MS),
@@ -248,6 +256,7 @@ impl fmt::Debug for Config {
             .field("batch_max_bytes", &self.batch_max_bytes)
             .field("prefetch", &self.prefetch())
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("consumer_tag", &self.consumer_tag)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("startup_timeout", &self.startup_timeout)
@@ -321,6 +330,9 @@ impl Config {
     builder!(
         /// `MAX_MESSAGE_BYTES`: bodies above this are dead-lettered without being parsed.
         with_max_message_bytes, max_message_bytes: usize);
+    builder!(
+        /// `MAX_INFLIGHT_BYTES`: message bytes received and not yet acknowledged, at most.
+        with_max_inflight_bytes, max_inflight_bytes: usize);
     builder!(
         /// `SHUTDOWN_TIMEOUT_MS`: how long a shutdown may take to flush and close.
         with_shutdown_timeout, shutdown_timeout: Duration);
@@ -552,6 +564,15 @@ impl Config {
         if self.max_message_bytes == 0 {
             return Err(Error::setting("MAX_MESSAGE_BYTES", "must be at least 1"));
         }
+        if self.max_inflight_bytes < MIN_INFLIGHT_BYTES {
+            return Err(Error::setting(
+                "MAX_INFLIGHT_BYTES",
+                format!(
+                    "must be at least {MIN_INFLIGHT_BYTES} (1 MiB), got {}",
+                    self.max_inflight_bytes
+                ),
+            ));
+        }
         if let Some(tag) = &self.consumer_tag {
             amqp_name("CONSUMER_TAG", tag)?;
         }
@@ -602,6 +623,7 @@ impl Config {
             c.prefetch = Some(parse("PREFETCH_COUNT", &prefetch)?);
         }
         env.parse("MAX_MESSAGE_BYTES", &mut c.max_message_bytes)?;
+        env.parse("MAX_INFLIGHT_BYTES", &mut c.max_inflight_bytes)?;
         c.consumer_tag = env.get("CONSUMER_TAG");
         env.millis("SHUTDOWN_TIMEOUT_MS", &mut c.shutdown_timeout)?;
         env.millis("STARTUP_TIMEOUT_MS", &mut c.startup_timeout)?;
@@ -614,6 +636,9 @@ impl Config {
         Ok(c)
     }
 }
+
+/// The smallest `MAX_INFLIGHT_BYTES`: below it a single ordinary message could exceed it.
+const MIN_INFLIGHT_BYTES: usize = 1024 * 1024;
 
 /// Environment lookups that treat an empty value like an unset one (as Compose does
 /// for `VAR=`), and name the variable in every error.
@@ -831,6 +856,7 @@ mod tests {
         assert_eq!(c.clickhouse_user, "default");
         assert_eq!(c.batch_size, defaults::BATCH_SIZE);
         assert_eq!(c.prefetch(), 20_000);
+        assert_eq!(c.max_inflight_bytes, 64 << 20);
     }
 
     #[test]
@@ -854,6 +880,8 @@ mod tests {
         assert_eq!(c.batch_timeout, Duration::from_millis(250));
         assert_eq!(c.dead_letter_queue(), None);
         assert_eq!(c.prefetch(), 600);
+        let c = from(&[("MAX_INFLIGHT_BYTES", "16777216")]).expect("valid");
+        assert_eq!(c.max_inflight_bytes, 16 << 20);
     }
 
     #[test]
@@ -899,6 +927,14 @@ mod tests {
         assert_eq!(
             refused_setting(&[("CLICKHOUSE_URL", "ftp://x")]),
             "CLICKHOUSE_URL"
+        );
+        assert_eq!(
+            refused_setting(&[("MAX_INFLIGHT_BYTES", "1000")]),
+            "MAX_INFLIGHT_BYTES"
+        );
+        assert_eq!(
+            refused_setting(&[("MAX_INFLIGHT_BYTES", "-1")]),
+            "MAX_INFLIGHT_BYTES"
         );
     }
 

@@ -36,7 +36,8 @@
 //! - [`config`]: [`Config`], its defaults, validation and `from_env`.
 //! - `event`: [`ClickEvent`] and the decoding rules ([`InvalidMessage`]).
 //! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `commit`,
-//!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology).
+//!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology, `flow` for
+//!   the bound in bytes on what is received and not yet acknowledged).
 //! - [`ClickPublisher`] (`publisher`): publish clicks from the shortener.
 //! - [`Metrics`] and [`Summary`] (`metrics`).
 //! - [`Error`] (`error`), [`Secret`] (`secret`).
@@ -52,6 +53,7 @@ mod consumer;
 mod dead_letter;
 mod error;
 mod event;
+mod flow;
 mod metrics;
 mod publisher;
 mod rowbinary;

@@ -20,10 +20,11 @@ use tokio_util::sync::CancellationToken;
 use crate::batch::Batch;
 use crate::broker;
 use crate::commit::{Committer, Outcome};
-use crate::config::Config;
+use crate::config::{Config, QueueType};
 use crate::dead_letter::{DeadLetters, Sent};
 use crate::error::Error;
 use crate::event::Row;
+use crate::flow::{InFlight, Window};
 use crate::metrics::{Metrics, StatsLog};
 use crate::store::Store;
 
@@ -89,6 +90,10 @@ pub(crate) struct Session {
     consumer: lapin::Consumer,
     dead_letters: DeadLetters,
     committer: Committer,
+    in_flight_bytes: InFlight,
+    /// The channel-wide prefetch limit by message size; `None` for quorum queues, which
+    /// do not support one.
+    window: Option<Window>,
 }
 
 impl std::fmt::Debug for Session {
@@ -119,6 +124,18 @@ impl Session {
         consume
             .basic_qos(config.prefetch(), BasicQosOptions::default())
             .await?;
+        let window = (config.queue_type == QueueType::Classic).then(|| {
+            Window::new(
+                config.max_inflight_bytes,
+                config.prefetch(),
+                config.max_message_bytes,
+            )
+        });
+        if let Some(limit) = window.as_ref().and_then(Window::limit) {
+            consume
+                .basic_qos(limit, BasicQosOptions { global: true })
+                .await?;
+        }
         let publish = connection.create_channel().await?;
         publish
             .confirm_select(ConfirmSelectOptions::default())
@@ -148,12 +165,14 @@ impl Session {
             on_commit: shared.on_commit.clone(),
         };
         Ok(Session {
+            in_flight_bytes: InFlight::new(config.max_inflight_bytes),
             shared,
             connection,
             consume,
             consumer,
             dead_letters,
             committer,
+            window,
         })
     }
 
@@ -165,13 +184,17 @@ impl Session {
         let config = self.shared.config.clone();
         let mut batch = Batch::with_capacity(config.batch_size);
         let mut in_flight: Option<JoinHandle<Outcome>> = None;
+        // The bytes of the batch being filled; each flushed batch's go to its commit task.
+        let mut held = self.in_flight_bytes.guard();
         let mut stats_tick = tokio::time::interval_at(
             Instant::now() + config.stats_interval,
             config.stats_interval,
         );
         let end = loop {
             let deadline = batch.deadline(config.batch_timeout);
-            let full = batch.is_full(config.batch_size, config.batch_max_bytes);
+            let over_budget = self.in_flight_bytes.over_budget();
+            let full = batch.is_full(config.batch_size, config.batch_max_bytes)
+                || (over_budget && !batch.is_empty());
             let due = full || deadline.is_some_and(|d| d <= Instant::now());
             if in_flight.is_none() && due {
                 let full = std::mem::replace(&mut batch, Batch::with_capacity(config.batch_size));
@@ -181,12 +204,16 @@ impl Session {
                     full.len(),
                     full.last_tag()
                 );
-                in_flight = Some(tokio::spawn(
-                    self.committer.clone().commit(full.into_parts()),
-                ));
+                let commit = self.committer.clone().commit(full.into_parts());
+                let bytes = held.take();
+                in_flight = Some(tokio::spawn(async move {
+                    let outcome = commit.await;
+                    drop(bytes); // acknowledged, released or given up: no longer held
+                    outcome
+                }));
                 continue;
             }
-            let receiving = !full;
+            let receiving = !full && !over_budget;
             let flush_timer = deadline.filter(|_| in_flight.is_none());
             tokio::select! {
                 biased;
@@ -207,8 +234,13 @@ impl Session {
                 }
                 delivery = self.consumer.next(), if receiving => match delivery {
                     Some(Ok(delivery)) => {
+                        let bytes = delivery.data.len();
+                        held.add(bytes);
                         if let Err(e) = self.accept(delivery, &mut batch).await {
                             break End::BrokerLost(format!("dead-lettering failed: {e}"));
+                        }
+                        if let Err(e) = self.fit_window(bytes).await {
+                            break End::BrokerLost(format!("basic.qos failed: {e}"));
                         }
                     }
                     Some(Err(e)) => break End::BrokerLost(e.to_string()),
@@ -224,6 +256,25 @@ impl Session {
         self.settle_dead_letters(&mut batch).await;
         self.close().await;
         end
+    }
+
+    /// Accounts a message of `bytes` in the prefetch window, and changes the channel's
+    /// limit on the live channel when the message size calls for it.
+    async fn fit_window(&mut self, bytes: usize) -> Result<(), lapin::Error> {
+        let Some(limit) = self.window.as_mut().and_then(|w| w.observe(bytes)) else {
+            return Ok(());
+        };
+        log::debug!(
+            "message size {bytes} B: channel prefetch limit {}",
+            if limit == 0 {
+                "lifted".to_owned()
+            } else {
+                limit.to_string()
+            }
+        );
+        self.consume
+            .basic_qos(limit, BasicQosOptions { global: true })
+            .await
     }
 
     /// The batch being filled will not be committed: its messages return to the queue
@@ -250,6 +301,7 @@ impl Session {
     async fn accept(&self, delivery: Delivery, batch: &mut Batch) -> Result<(), lapin::Error> {
         let metrics = &self.shared.metrics;
         metrics.received.inc();
+        metrics.received_bytes.inc_by(delivery.data.len() as u64);
         metrics.unacked.inc();
         let tag = delivery.delivery_tag;
         if delivery.redelivered {

@@ -5,6 +5,7 @@
 mod common;
 mod consume;
 mod faults;
+mod flow;
 mod publisher;
 mod schema;
 mod tls;
