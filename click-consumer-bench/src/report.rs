@@ -501,7 +501,7 @@ fn print_large(large: &[LargeDrain]) {
     }
     println!();
     println!(
-        "Large-message drains: click-consumer at its defaults, valid clicks of ~{} KB each",
+        "Large-message drains: click-consumer at the settings above, valid clicks of ~{} KB each",
         large[0].bytes_each / 1000
     );
     println!("messages  seconds   msg/s   MB/s  CPU-s  broker CPU-s  peak RSS MiB  INSERTs");
