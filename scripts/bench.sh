@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# The benchmark (issue 3): the release click-consumer against a no-work reference
-# consumer, on private RabbitMQ and ClickHouse servers started for the run (they stop
-# with it). Prints every run, the medians, the targets with pass/fail and a Markdown
-# table for the README; writes the results to bench-results/<UTC timestamp>.json.
+# The benchmark (issues 3 and 10): the release click-consumer against two no-work
+# reference consumers (prefetch 20,000 with an ack per 10,000; prefetch 1,000 with an ack
+# per 100), on private RabbitMQ and ClickHouse servers started for the run (they stop
+# with it); then large-message drains (2,000 and 5,000 valid clicks of ~700 KB: peak RSS,
+# MB/s); then the latency phase. Prints every run, min/median/max, the broker's CPU per
+# message, the targets with pass/fail and Markdown tables for the README; writes the
+# results to bench-results/<UTC timestamp>.json.
 #
-#   scripts/bench.sh                                   # defaults: 200,000 messages, 3 repeats, 30 s latency phase
-#   scripts/bench.sh --messages 50000 --repeats 1 --latency-seconds 10
-#   scripts/bench.sh --messages 2000000 --repeats 1 --skip-reference --skip-latency   # peak RSS vs queue depth
-#   scripts/bench.sh --messages 50000 --skip-latency --extra-columns   # ten typed extra columns (issue 13)
+#   scripts/bench.sh                                   # defaults: 200,000 messages, 5 repeats, large drains, 30 s latency phase
+#   scripts/bench.sh --consumer-env PREFETCH_COUNT=2000 --consumer-env BATCH_SIZE=1000   # another window
+#   scripts/bench.sh --messages 50000 --repeats 1 --large-messages 0 --latency-seconds 10
+#   scripts/bench.sh --messages 2000000 --repeats 1 --skip-reference --skip-latency --large-messages 0   # peak RSS vs queue depth
+#   scripts/bench.sh --messages 50000 --skip-latency --large-messages 0 --extra-columns   # ten typed extra columns (issue 13)
 #   scripts/bench.sh --help
 #
 # Arguments go to click-consumer-bench unchanged. Takes a few minutes at the defaults on

@@ -11,7 +11,7 @@ use click_consumer::Config;
 use tokio::runtime::Runtime;
 
 use crate::cli::BenchArgs;
-use crate::drain::{self, Comparison};
+use crate::drain::{self, Comparison, LargeDrain};
 use crate::latency;
 use crate::machine::{Machine, RunDate};
 use crate::report::{self, Results};
@@ -61,6 +61,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     };
     let machine = Machine::describe(&bench.servers);
     let drains = drains(&bench)?;
+    let large = large(&bench)?;
     let latency = if args.skip_latency {
         None
     } else {
@@ -70,7 +71,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
         );
         Some(latency::measure(&bench)?)
     };
-    let results = Results::new(&bench, date, machine, drains, latency);
+    let results = Results::new(&bench, date, machine, drains, large, latency);
     report::print(&results);
     let path = report::write(&results, args.output.as_deref())?;
     eprintln!(
@@ -107,6 +108,26 @@ fn consumer_binary(args: &BenchArgs, own_binary: &Path) -> anyhow::Result<PathBu
         );
     }
     Ok(path)
+}
+
+fn large(bench: &Bench) -> anyhow::Result<Vec<LargeDrain>> {
+    let counts: Vec<u64> = bench
+        .args
+        .large_messages
+        .iter()
+        .copied()
+        .filter(|&n| n > 0)
+        .collect();
+    counts
+        .iter()
+        .map(|&messages| {
+            eprintln!(
+                "large drain: {messages} clicks of {} bytes",
+                bench.args.large_bytes
+            );
+            drain::large(bench, messages)
+        })
+        .collect()
 }
 
 fn drains(bench: &Bench) -> anyhow::Result<Vec<Comparison>> {

@@ -21,6 +21,27 @@ use std::{
 
 use anyhow::{Context, bail};
 
+/// User plus system CPU time of process `pid` so far, from `/proc/<pid>/stat`; `None`
+/// if it cannot be read (gone).
+pub(crate) fn cpu_time(pid: u32) -> Option<Duration> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces, in parentheses): state is
+    // field 3, utime field 14, stime field 15.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_secs_f64(
+        ticks as f64 / clock_ticks_per_second(),
+    ))
+}
+
+#[allow(unsafe_code)]
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf only reads a system constant.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as f64 } else { 100.0 }
+}
+
 /// A child process that has exited and been reaped.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Reaped {
@@ -203,6 +224,23 @@ fn duration(time: libc::timeval) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_cpu_time_of_a_running_process() {
+        let pid = std::process::id();
+        let before = cpu_time(pid).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut spin = 0u64;
+        // Spin until the kernel has counted 200 ms more of CPU for this process.
+        while cpu_time(pid).unwrap() < before + Duration::from_millis(200) {
+            assert!(Instant::now() < deadline, "CPU time did not grow");
+            for _ in 0..100_000 {
+                spin = std::hint::black_box(spin.wrapping_add(1));
+            }
+        }
+        assert!(spin > 0);
+        assert_eq!(cpu_time(u32::MAX), None);
+    }
 
     #[test]
     fn reaps_with_cpu_time() {

@@ -31,8 +31,9 @@ pub(crate) struct BenchArgs {
     #[arg(long, default_value_t = 200_000, value_name = "N")]
     pub(crate) messages: u64,
 
-    /// Drain comparisons, alternating which consumer goes first; medians are reported.
-    #[arg(long, default_value_t = 3, value_name = "N")]
+    /// Drain comparisons, rotating which consumer goes first; the minimum, median and
+    /// maximum of each figure are reported.
+    #[arg(long, default_value_t = 5, value_name = "N")]
     pub(crate) repeats: u32,
 
     /// Only measure click-consumer's drain (e.g. to see that its peak memory does not
@@ -44,6 +45,25 @@ pub(crate) struct BenchArgs {
     /// every click (see `extra`).
     #[arg(long)]
     pub(crate) extra_columns: bool,
+
+    /// Large-message drains: click-consumer drains this many valid clicks of
+    /// `--large-bytes` each (comma-separated counts, one drain each; 0 to skip).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "2000,5000",
+        value_name = "N,..."
+    )]
+    pub(crate) large_messages: Vec<u64>,
+
+    /// Size of each large click (JSON bytes; a long original_url).
+    #[arg(long, default_value_t = 700_000, value_name = "BYTES")]
+    pub(crate) large_bytes: usize,
+
+    /// A setting for click-consumer, `NAME=value`, on top of its defaults (repeatable),
+    /// e.g. `--consumer-env PREFETCH_COUNT=2000 --consumer-env BATCH_SIZE=1000`.
+    #[arg(long, value_name = "NAME=VALUE")]
+    pub(crate) consumer_env: Vec<String>,
 
     /// Skip the steady-rate latency phase.
     #[arg(long)]

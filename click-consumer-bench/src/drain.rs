@@ -1,5 +1,8 @@
 //! One timed drain: a queue prefilled with N clicks, then one consumer started as a
-//! child process, timed from its spawn until the queue is drained. For click-consumer,
+//! child process, timed from its spawn until the last message is stored (click-consumer:
+//! the first time ClickHouse counts N rows) or acknowledged (reference: its exit). The
+//! broker's CPU time (`/proc/<pid>/stat` of its beam process) is read over the same
+//! span, to compare what each consumer costs the broker per message. For click-consumer,
 //! the table is created beforehand (by a short run of click-consumer itself) and its
 //! merges stopped, so that ClickHouse's parts count the INSERTs.
 //!
@@ -21,8 +24,8 @@ use click_consumer::config::defaults;
 use serde::Serialize;
 
 use crate::bench::Bench;
-use crate::child::{Reaped, Watched};
-use crate::prefill::{Prefill, prefill};
+use crate::child::{Reaped, Watched, cpu_time};
+use crate::prefill::{Clicks, Prefill, prefill};
 use crate::reference;
 use crate::service::{INSERTS, Service, UNACKED};
 use crate::stack::Target;
@@ -37,15 +40,25 @@ const POLL: Duration = Duration::from_millis(20);
 
 pub(crate) const CLICK_CONSUMER: &str = "click-consumer";
 pub(crate) const REFERENCE: &str = "reference";
+/// The reference with a small window and frequent acks (an independent harness's).
+pub(crate) const REFERENCE_SMALL: &str = "ref-1k/100";
+/// The small-window reference's prefetch and acknowledgement interval.
+pub(crate) const SMALL_PREFETCH: u16 = 1_000;
+pub(crate) const SMALL_ACK_EVERY: u64 = 100;
 
 /// What one drain measured.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct DrainRun {
     pub(crate) consumer: &'static str,
     pub(crate) messages: u64,
-    /// From the consumer's spawn until done.
+    /// From the consumer's spawn until the last message was stored (or acknowledged).
     pub(crate) seconds: f64,
     pub(crate) rate: f64,
+    /// Large drains: bytes of the clicks drained, per second.
+    pub(crate) bytes_per_second: Option<f64>,
+    /// The broker's CPU time over the same span.
+    pub(crate) broker_cpu_seconds: Option<f64>,
+    pub(crate) broker_cpu_seconds_per_million: Option<f64>,
     /// User plus system CPU of the consumer process over its whole life.
     pub(crate) cpu_seconds: f64,
     pub(crate) cpu_seconds_per_million: f64,
@@ -69,15 +82,21 @@ impl DrainRun {
         done: Instant,
         reaped: &Reaped,
         peak_rss_kib: u64,
+        broker_cpu: Option<Duration>,
     ) -> Self {
         let seconds = done.duration_since(spawned).as_secs_f64();
         let messages = prefill.messages;
         let cpu_seconds = reaped.cpu.as_secs_f64();
+        let broker_cpu_seconds = broker_cpu.map(|cpu| cpu.as_secs_f64());
         DrainRun {
             consumer,
             messages,
             seconds,
             rate: messages as f64 / seconds,
+            bytes_per_second: prefill.bytes.map(|bytes| bytes as f64 / seconds),
+            broker_cpu_seconds,
+            broker_cpu_seconds_per_million: broker_cpu_seconds
+                .map(|cpu| cpu / messages as f64 * 1e6),
             cpu_seconds,
             cpu_seconds_per_million: cpu_seconds / messages as f64 * 1e6,
             peak_rss_mib: peak_rss_kib as f64 / 1024.0,
@@ -90,8 +109,18 @@ impl DrainRun {
     }
 }
 
-/// The click-consumer binary drains a prefilled queue into a fresh table.
-pub(crate) fn click_consumer(bench: &Bench) -> anyhow::Result<DrainRun> {
+/// The broker's CPU time so far.
+fn broker_cpu(bench: &Bench) -> Option<Duration> {
+    cpu_time(bench.servers.rabbitmq.pid()?)
+}
+
+/// The click-consumer binary drains a queue prefilled with `messages` `clicks` into a
+/// fresh table.
+pub(crate) fn click_consumer(
+    bench: &Bench,
+    messages: u64,
+    clicks: Clicks,
+) -> anyhow::Result<DrainRun> {
     let target = Target::new("drain");
     let table = target.table(&bench.servers.clickhouse);
     create_table(bench, &target)?;
@@ -99,10 +128,19 @@ pub(crate) fn click_consumer(bench: &Bench) -> anyhow::Result<DrainRun> {
         crate::extra::add_columns(&bench.servers.clickhouse, &table);
     }
     table.stop_merges();
-    let prefill = fill(bench, &target)?;
-    let mut service = Service::start(&bench.consumer_binary, &bench.servers, &target)?;
+    let prefill = fill(bench, &target, messages, clicks)?;
+    let broker_before = broker_cpu(bench);
+    let mut service = Service::start(
+        &bench.consumer_binary,
+        &bench.servers,
+        &target,
+        &bench.args.consumer_env,
+    )?;
     let spawned = service.spawned();
-    let done = wait_drained(bench, &mut service, &table, &target)?;
+    let (stored, broker_after) = wait_drained(bench, &mut service, &table, &target, messages)?;
+    let broker = broker_before
+        .zip(broker_after)
+        .map(|(before, after)| after.saturating_sub(before));
     let inserts = service.metric(INSERTS)? as u64;
     let mean_insert_ms = service.mean_insert_ms()?;
     let stopped = service.stop()?;
@@ -110,9 +148,10 @@ pub(crate) fn click_consumer(bench: &Bench) -> anyhow::Result<DrainRun> {
         CLICK_CONSUMER,
         prefill,
         spawned,
-        done,
+        stored,
         &stopped.reaped,
         stopped.peak_rss_kib,
+        broker,
     );
     run.inserts = Some(inserts);
     run.mean_insert_ms = Some(mean_insert_ms);
@@ -135,18 +174,26 @@ pub(crate) fn click_consumer(bench: &Bench) -> anyhow::Result<DrainRun> {
     Ok(run)
 }
 
-/// The reference consumer (this binary's subcommand) drains a prefilled queue.
-pub(crate) fn reference(bench: &Bench) -> anyhow::Result<DrainRun> {
+/// The reference consumer (this binary's subcommand) drains a prefilled queue: with
+/// click-consumer's default prefetch and a multiple-ack per `BATCH_SIZE` messages
+/// ([`REFERENCE`]), or with the small window ([`REFERENCE_SMALL`]).
+pub(crate) fn reference(bench: &Bench, name: &'static str) -> anyhow::Result<DrainRun> {
+    let (prefetch, ack_every) = if name == REFERENCE_SMALL {
+        (SMALL_PREFETCH, SMALL_ACK_EVERY)
+    } else {
+        (bench.prefetch, defaults::BATCH_SIZE as u64)
+    };
     let target = Target::new("reference");
-    let prefill = fill(bench, &target)?;
+    let prefill = fill(bench, &target, bench.args.messages, Clicks::Normal)?;
+    let broker_before = broker_cpu(bench);
     let mut command = Command::new(&bench.own_binary);
     command
         .arg("reference-consumer")
         .args(["--url", &bench.servers.lapin_url()])
         .args(["--queue", &target.queue])
         .args(["--messages", &bench.args.messages.to_string()])
-        .args(["--prefetch", &bench.prefetch.to_string()])
-        .args(["--ack-every", &defaults::BATCH_SIZE.to_string()])
+        .args(["--prefetch", &prefetch.to_string()])
+        .args(["--ack-every", &ack_every.to_string()])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
@@ -154,6 +201,9 @@ pub(crate) fn reference(bench: &Bench) -> anyhow::Result<DrainRun> {
     let reaped = process
         .wait_exit(bench.drain_timeout())?
         .context("the reference consumer did not finish in time")?;
+    let broker = broker_before
+        .zip(broker_cpu(bench))
+        .map(|(before, after)| after.saturating_sub(before));
     if !reaped.status.success() {
         bail!("the reference consumer failed ({})", reaped.status);
     }
@@ -170,12 +220,13 @@ pub(crate) fn reference(bench: &Bench) -> anyhow::Result<DrainRun> {
         .runtime
         .block_on(bench.broker.delete(&target.queues()))?;
     Ok(DrainRun::new(
-        REFERENCE,
+        name,
         prefill,
         process.spawned(),
         reaped.at,
         &reaped,
         peak_rss_kib,
+        broker,
     ))
 }
 
@@ -183,17 +234,21 @@ pub(crate) fn reference(bench: &Bench) -> anyhow::Result<DrainRun> {
 /// the still empty queue, so that merges can be stopped before the first INSERT, with
 /// the consumer's own DDL whatever it is.
 fn create_table(bench: &Bench, target: &Target) -> anyhow::Result<()> {
-    let mut service = Service::start(&bench.consumer_binary, &bench.servers, target)?;
+    let mut service = Service::start(
+        &bench.consumer_binary,
+        &bench.servers,
+        target,
+        &bench.args.consumer_env,
+    )?;
     service.wait_ready(READY_LIMIT)?;
     service.stop().context("stopping the table-creating run")?;
     Ok(())
 }
 
 /// Prefills the target's queue and checks that it holds exactly N ready messages.
-fn fill(bench: &Bench, target: &Target) -> anyhow::Result<Prefill> {
-    let messages = bench.args.messages;
+fn fill(bench: &Bench, target: &Target, messages: u64, clicks: Clicks) -> anyhow::Result<Prefill> {
     let config = target.config(&bench.servers);
-    let done = bench.runtime.block_on(prefill(&config, messages))?;
+    let done = bench.runtime.block_on(prefill(&config, messages, clicks))?;
     eprintln!(
         "  prefilled {} messages in {:.1} s ({:.0} msg/s)",
         messages, done.seconds, done.rate
@@ -208,22 +263,27 @@ fn fill(bench: &Bench, target: &Target) -> anyhow::Result<Prefill> {
 }
 
 /// Polls until all N rows are in ClickHouse, nothing is ready in the queue and nothing
-/// is unacknowledged; returns when that was seen.
+/// is unacknowledged. Returns when all N rows were first seen, and the broker's CPU
+/// time then.
 fn wait_drained(
     bench: &Bench,
     service: &mut Service,
     table: &Table<'_>,
     target: &Target,
-) -> anyhow::Result<Instant> {
-    let messages = bench.args.messages;
+    messages: u64,
+) -> anyhow::Result<(Instant, Option<Duration>)> {
     let deadline = Instant::now() + bench.drain_timeout();
+    let mut stored = None;
     loop {
         service.ensure_running()?;
-        if table.count() >= messages
+        if stored.is_none() && table.count() >= messages {
+            stored = Some((Instant::now(), broker_cpu(bench)));
+        }
+        if let Some(stored) = stored
             && bench.runtime.block_on(bench.broker.ready(&target.queue))? == 0
             && service.metric(UNACKED).ok() == Some(0.0)
         {
-            return Ok(Instant::now());
+            return Ok(stored);
         }
         if Instant::now() > deadline {
             bail!(
@@ -240,49 +300,94 @@ fn wait_drained(
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct Comparison {
     pub(crate) repeat: u32,
-    /// Which consumer drained first.
-    pub(crate) first: &'static str,
+    /// The order the consumers drained in.
+    pub(crate) order: Vec<&'static str>,
     pub(crate) click_consumer: DrainRun,
+    /// Same window as click-consumer (prefetch 2 x BATCH_SIZE, ack per BATCH_SIZE).
     pub(crate) reference: Option<DrainRun>,
-    /// click-consumer's drain rate / the reference's.
-    pub(crate) rate_ratio: Option<f64>,
-    /// click-consumer's CPU per message / the reference's.
-    pub(crate) cpu_ratio: Option<f64>,
+    /// Prefetch 1,000, a multiple-ack per 100 messages.
+    pub(crate) reference_small: Option<DrainRun>,
+    /// click-consumer against [`Comparison::reference`].
+    pub(crate) ratios: Option<Ratios>,
+    /// click-consumer against [`Comparison::reference_small`].
+    pub(crate) ratios_small: Option<Ratios>,
 }
 
-/// Runs repeat `repeat`: both drains (the reference unless skipped), click-consumer
-/// first on odd repeats.
+/// click-consumer's figures over a reference's, within one repeat.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Ratios {
+    /// Drain rate (higher is better for click-consumer).
+    pub(crate) rate: f64,
+    /// CPU per message of the consumer process.
+    pub(crate) cpu: f64,
+    /// The broker's CPU per message.
+    pub(crate) broker_cpu: Option<f64>,
+}
+
+impl Ratios {
+    fn of(click: &DrainRun, reference: &DrainRun) -> Ratios {
+        Ratios {
+            rate: click.rate / reference.rate,
+            cpu: click.cpu_seconds_per_million / reference.cpu_seconds_per_million,
+            broker_cpu: click
+                .broker_cpu_seconds_per_million
+                .zip(reference.broker_cpu_seconds_per_million)
+                .map(|(c, r)| c / r),
+        }
+    }
+}
+
+/// Runs repeat `repeat`: click-consumer and both references (unless skipped), the
+/// first one rotating from repeat to repeat, so each goes first, second and last.
 pub(crate) fn compare(bench: &Bench, repeat: u32) -> anyhow::Result<Comparison> {
-    let skip_reference = bench.args.skip_reference;
-    let click_first = skip_reference || repeat % 2 == 1;
-    let (click_consumer, reference) = if click_first {
-        let click = measured(CLICK_CONSUMER, || click_consumer(bench))?;
-        let reference = if skip_reference {
-            None
-        } else {
-            Some(measured(REFERENCE, || reference(bench))?)
-        };
-        (click, reference)
-    } else {
-        let reference = measured(REFERENCE, || reference(bench))?;
-        (
-            measured(CLICK_CONSUMER, || click_consumer(bench))?,
-            Some(reference),
-        )
-    };
-    let ratio = |of: fn(&DrainRun) -> f64| reference.as_ref().map(|r| of(&click_consumer) / of(r));
+    let mut order = vec![CLICK_CONSUMER];
+    if !bench.args.skip_reference {
+        order.extend([REFERENCE, REFERENCE_SMALL]);
+    }
+    let first = (repeat as usize).saturating_sub(1) % order.len();
+    order.rotate_left(first);
+    let mut click = None;
+    let mut reference_run = None;
+    let mut small = None;
+    for &consumer in &order {
+        match consumer {
+            CLICK_CONSUMER => {
+                click = Some(measured(consumer, || {
+                    click_consumer(bench, bench.args.messages, Clicks::Normal)
+                })?);
+            }
+            REFERENCE => reference_run = Some(measured(consumer, || reference(bench, consumer))?),
+            _ => small = Some(measured(consumer, || reference(bench, consumer))?),
+        }
+    }
+    let click_consumer = click.expect("click-consumer always drains");
     Ok(Comparison {
         repeat,
-        first: if click_first {
-            CLICK_CONSUMER
-        } else {
-            REFERENCE
-        },
-        rate_ratio: ratio(|run| run.rate),
-        cpu_ratio: ratio(|run| run.cpu_seconds_per_million),
+        ratios: reference_run
+            .as_ref()
+            .map(|r| Ratios::of(&click_consumer, r)),
+        ratios_small: small.as_ref().map(|r| Ratios::of(&click_consumer, r)),
+        order,
         click_consumer,
-        reference,
+        reference: reference_run,
+        reference_small: small,
     })
+}
+
+/// One large-message drain by click-consumer at its defaults.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct LargeDrain {
+    pub(crate) bytes_each: usize,
+    pub(crate) run: DrainRun,
+}
+
+/// click-consumer drains `messages` valid clicks of `--large-bytes` each.
+pub(crate) fn large(bench: &Bench, messages: u64) -> anyhow::Result<LargeDrain> {
+    let bytes_each = bench.args.large_bytes;
+    let run = measured(CLICK_CONSUMER, || {
+        click_consumer(bench, messages, Clicks::Large(bytes_each))
+    })?;
+    Ok(LargeDrain { bytes_each, run })
 }
 
 /// Runs one drain, saying so on stderr.
@@ -293,8 +398,16 @@ fn measured(
     eprintln!("  {consumer}:");
     let run = drain().with_context(|| format!("drain by {consumer}"))?;
     eprintln!(
-        "  {consumer} drained {} messages in {:.2} s: {:.0} msg/s, {:.2} CPU-s per 1M, peak RSS {:.1} MiB",
-        run.messages, run.seconds, run.rate, run.cpu_seconds_per_million, run.peak_rss_mib
+        "  {consumer} drained {} messages in {:.2} s: {:.0} msg/s{}, {:.2} CPU-s per 1M (broker {}), peak RSS {:.1} MiB",
+        run.messages,
+        run.seconds,
+        run.rate,
+        run.bytes_per_second
+            .map_or(String::new(), |b| format!(" ({:.1} MB/s)", b / 1e6)),
+        run.cpu_seconds_per_million,
+        run.broker_cpu_seconds_per_million
+            .map_or("?".to_owned(), |b| format!("{b:.2}")),
+        run.peak_rss_mib
     );
     Ok(run)
 }

@@ -79,6 +79,20 @@ pub(crate) fn click(index: u64) -> ClickEvent {
         .with_original_url(original_url(code))
 }
 
+/// The `index`-th click made about `bytes` long as JSON by a long `original_url` (a
+/// tracking query string): a valid click of an unusual size.
+pub(crate) fn large_click(index: u64, bytes: usize) -> ClickEvent {
+    let mut event = click(index);
+    let json_len = serde_json::to_vec(&event).map_or(0, |json| json.len());
+    let pad = bytes.saturating_sub(json_len + "&t=".len());
+    let mut url = event.original_url;
+    url.push_str(if url.contains('?') { "&t=" } else { "?t=" });
+    let mut rng = Rng::new(index ^ 0x1a26_e000);
+    url.extend((0..pad).map(|_| char::from(BASE62[rng.below(BASE62.len() as u64) as usize])));
+    event.original_url = url;
+    event
+}
+
 /// The `seq`-th click of the latency phase: short code `seq0000000042`, timestamp now.
 pub(crate) fn sequenced_click(seq: u64) -> ClickEvent {
     let mut event = click(seq);
@@ -203,6 +217,15 @@ mod tests {
         assert!(events.iter().any(|e| e.ip_address.contains(':')));
         assert!(events.iter().any(|e| e.referrer.is_empty()));
         assert!(events.iter().any(|e| e.timestamp.ends_with('Z')));
+    }
+
+    #[test]
+    fn large_clicks_have_the_size_asked_for_and_are_valid() {
+        let event = large_click(3, 700_000);
+        let json = serde_json::to_vec(&event).unwrap();
+        assert!((699_990..=700_010).contains(&json.len()), "{}", json.len());
+        ClickEvent::decode(&json).unwrap();
+        assert_eq!(event.short_code, click(3).short_code);
     }
 
     #[test]

@@ -62,7 +62,12 @@ pub(crate) fn measure(bench: &Bench) -> anyhow::Result<Latency> {
     let total = u64::from(rate) * bench.args.latency_seconds;
     let target = Target::new("latency");
     let table = target.table(&bench.servers.clickhouse);
-    let mut service = Service::start(&bench.consumer_binary, &bench.servers, &target)?;
+    let mut service = Service::start(
+        &bench.consumer_binary,
+        &bench.servers,
+        &target,
+        &bench.args.consumer_env,
+    )?;
     service.wait_ready(READY_LIMIT)?;
     let (deadline, deadline_rx) = mpsc::channel();
     let (published, seen) = thread::scope(|scope| {

@@ -1,5 +1,5 @@
-//! The results: their JSON form, the printed report (every run, the medians, the
-//! targets with pass/fail) and a Markdown table for the README.
+//! The results: their JSON form, the printed report (every run, the spread of each
+//! figure, the targets with pass/fail) and a Markdown table for the README.
 
 use std::{
     fs,
@@ -11,17 +11,23 @@ use click_consumer::config::defaults;
 use serde::Serialize;
 
 use crate::bench::Bench;
-use crate::drain::{Comparison, DrainRun};
+use crate::drain::{
+    Comparison, DrainRun, LargeDrain, REFERENCE, REFERENCE_SMALL, Ratios, SMALL_ACK_EVERY,
+    SMALL_PREFETCH,
+};
 use crate::latency::{self, Latency};
 use crate::machine::{self, Machine, RunDate};
 use crate::stats::median;
 use crate::table::SMALL_INSERT_ROWS;
 
 /// click-consumer's drain rate must be at least this share of the reference's.
-const MIN_RATE_RATIO: f64 = 0.9;
+const MIN_RATE_RATIO: f64 = 0.95;
 /// click-consumer's CPU per message may be at most this multiple of the reference's.
-const MAX_CPU_RATIO: f64 = 2.0;
-const MAX_RSS_MIB: f64 = 64.0;
+const MAX_CPU_RATIO: f64 = 1.1;
+/// Peak RSS draining normal clicks.
+const MAX_RSS_MIB: f64 = 24.0;
+/// Peak RSS draining large clicks, at the defaults (a 256 MiB container).
+const MAX_LARGE_RSS_MIB: f64 = 256.0;
 /// INSERTs allowed beyond ceil(N / BATCH_SIZE) in one drain.
 const INSERT_TAIL: u64 = 2;
 
@@ -32,6 +38,7 @@ pub(crate) struct Results {
     machine: Machine,
     settings: Settings,
     drain: Drain,
+    large: Vec<LargeDrain>,
     latency: Option<Latency>,
     targets: Vec<Check>,
 }
@@ -43,6 +50,7 @@ struct Settings {
     batch_size: usize,
     batch_timeout_ms: u64,
     prefetch: u16,
+    consumer_env: Vec<String>,
     latency_rate: Option<u32>,
     latency_seconds: Option<u64>,
     reference: bool,
@@ -53,27 +61,73 @@ struct Settings {
 #[derive(Debug, Serialize)]
 struct Drain {
     runs: Vec<Comparison>,
-    medians: Medians,
+    summaries: Summaries,
+}
+
+/// Minimum, median and maximum of one figure over the repeats.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Spread {
+    min: f64,
+    median: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let values: Vec<f64> = values.into_iter().collect();
+        Some(Spread {
+            median: median(values.iter().copied())?,
+            min: values.iter().copied().fold(f64::INFINITY, f64::min),
+            max: values.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        })
+    }
+
+    fn show(self, decimals: usize) -> String {
+        format!(
+            "{:.d$} / {:.d$} / {:.d$}",
+            self.min,
+            self.median,
+            self.max,
+            d = decimals
+        )
+    }
 }
 
 #[derive(Debug, Serialize)]
-struct Medians {
+struct Summaries {
     click_consumer: Summary,
     reference: Option<Summary>,
-    /// Median of the runs' ratios (each measured within one repeat).
-    rate_ratio: Option<f64>,
-    cpu_ratio: Option<f64>,
+    reference_small: Option<Summary>,
+    /// Spread of the runs' ratios (each measured within one repeat).
+    ratios: Option<RatioSpread>,
+    ratios_small: Option<RatioSpread>,
 }
 
-/// Medians of one consumer's drains.
+#[derive(Debug, Serialize)]
+struct RatioSpread {
+    rate: Spread,
+    cpu: Spread,
+    broker_cpu: Option<Spread>,
+}
+
+impl RatioSpread {
+    fn of(ratios: &[Ratios]) -> Option<RatioSpread> {
+        Some(RatioSpread {
+            rate: Spread::of(ratios.iter().map(|r| r.rate))?,
+            cpu: Spread::of(ratios.iter().map(|r| r.cpu))?,
+            broker_cpu: Spread::of(ratios.iter().filter_map(|r| r.broker_cpu)),
+        })
+    }
+}
+
+/// One consumer's drains.
 #[derive(Debug, Serialize)]
 struct Summary {
-    seconds: f64,
-    rate: f64,
-    cpu_seconds_per_million: f64,
-    peak_rss_mib: f64,
-    /// The largest peak RSS of all runs.
-    worst_peak_rss_mib: f64,
+    seconds: Spread,
+    rate: Spread,
+    cpu_seconds_per_million: Spread,
+    broker_cpu_seconds_per_million: Option<Spread>,
+    peak_rss_mib: Spread,
     inserts: Option<f64>,
     mean_insert_ms: Option<f64>,
     median_rows_per_insert: Option<f64>,
@@ -94,6 +148,7 @@ impl Results {
         date: RunDate,
         machine: Machine,
         runs: Vec<Comparison>,
+        large: Vec<LargeDrain>,
         latency: Option<Latency>,
     ) -> Results {
         let args = &bench.args;
@@ -103,6 +158,7 @@ impl Results {
             batch_size: defaults::BATCH_SIZE,
             batch_timeout_ms: defaults::BATCH_TIMEOUT_MS,
             prefetch: bench.prefetch,
+            consumer_env: args.consumer_env.clone(),
             latency_rate: latency.as_ref().map(|l| l.target_rate),
             latency_seconds: latency.as_ref().map(|l| l.target_seconds),
             reference: !args.skip_reference,
@@ -110,56 +166,72 @@ impl Results {
             consumer_version: machine::version_of(&bench.consumer_binary),
         };
         let drain = Drain {
-            medians: Medians::of(&runs),
+            summaries: Summaries::of(&runs),
             runs,
         };
-        let targets = checks(&settings, &drain, latency.as_ref());
+        let targets = checks(&settings, &drain, &large, latency.as_ref());
         Results {
             date,
             git_commit: machine::git_commit(),
             machine,
             settings,
             drain,
+            large,
             latency,
             targets,
         }
     }
 }
 
-impl Medians {
-    fn of(runs: &[Comparison]) -> Medians {
+impl Summaries {
+    fn of(runs: &[Comparison]) -> Summaries {
         let clicks: Vec<&DrainRun> = runs.iter().map(|c| &c.click_consumer).collect();
-        let references: Vec<&DrainRun> = runs.iter().filter_map(|c| c.reference.as_ref()).collect();
-        Medians {
-            click_consumer: Summary::of(&clicks),
-            reference: (!references.is_empty()).then(|| Summary::of(&references)),
-            rate_ratio: median(runs.iter().filter_map(|c| c.rate_ratio)),
-            cpu_ratio: median(runs.iter().filter_map(|c| c.cpu_ratio)),
+        let of = |pick: fn(&Comparison) -> Option<&DrainRun>| {
+            let picked: Vec<&DrainRun> = runs.iter().filter_map(pick).collect();
+            Summary::of(&picked)
+        };
+        let ratios = |pick: fn(&Comparison) -> Option<Ratios>| {
+            let picked: Vec<Ratios> = runs.iter().filter_map(pick).collect();
+            RatioSpread::of(&picked)
+        };
+        Summaries {
+            click_consumer: Summary::of(&clicks).expect("at least one repeat"),
+            reference: of(|c| c.reference.as_ref()),
+            reference_small: of(|c| c.reference_small.as_ref()),
+            ratios: ratios(|c| c.ratios),
+            ratios_small: ratios(|c| c.ratios_small),
         }
     }
 }
 
 impl Summary {
-    fn of(runs: &[&DrainRun]) -> Summary {
-        let med = |of: fn(&DrainRun) -> f64| median(runs.iter().map(|r| of(r))).unwrap_or(f64::NAN);
-        Summary {
-            seconds: med(|r| r.seconds),
-            rate: med(|r| r.rate),
-            cpu_seconds_per_million: med(|r| r.cpu_seconds_per_million),
-            peak_rss_mib: med(|r| r.peak_rss_mib),
-            worst_peak_rss_mib: runs.iter().map(|r| r.peak_rss_mib).fold(f64::NAN, f64::max),
+    fn of(runs: &[&DrainRun]) -> Option<Summary> {
+        let spread = |of: fn(&DrainRun) -> f64| Spread::of(runs.iter().map(|r| of(r)));
+        Some(Summary {
+            seconds: spread(|r| r.seconds)?,
+            rate: spread(|r| r.rate)?,
+            cpu_seconds_per_million: spread(|r| r.cpu_seconds_per_million)?,
+            broker_cpu_seconds_per_million: Spread::of(
+                runs.iter().filter_map(|r| r.broker_cpu_seconds_per_million),
+            ),
+            peak_rss_mib: spread(|r| r.peak_rss_mib)?,
             inserts: median(runs.iter().filter_map(|r| r.inserts.map(|i| i as f64))),
             mean_insert_ms: median(runs.iter().filter_map(|r| r.mean_insert_ms)),
             median_rows_per_insert: median(
                 runs.iter()
                     .filter_map(|r| r.parts.as_ref().map(|p| p.median_rows)),
             ),
-        }
+        })
     }
 }
 
-fn checks(settings: &Settings, drain: &Drain, latency: Option<&Latency>) -> Vec<Check> {
-    let medians = &drain.medians;
+fn checks(
+    settings: &Settings,
+    drain: &Drain,
+    large: &[LargeDrain],
+    latency: Option<&Latency>,
+) -> Vec<Check> {
+    let summaries = &drain.summaries;
     let max_inserts = settings.messages.div_ceil(settings.batch_size as u64) + INSERT_TAIL;
     let worst_inserts = drain
         .runs
@@ -175,30 +247,52 @@ fn checks(settings: &Settings, drain: &Drain, latency: Option<&Latency>) -> Vec<
         .filter_map(|c| c.click_consumer.parts.as_ref())
         .map(|p| p.small_not_last())
         .max();
-    let mut worst_rss = medians.click_consumer.worst_peak_rss_mib;
-    if let Some(latency) = latency {
-        worst_rss = worst_rss.max(latency.consumer_peak_rss_mib);
-    }
+    let rss = summaries.click_consumer.peak_rss_mib.median;
+    let worst_large = large
+        .iter()
+        .map(|l| l.run.peak_rss_mib)
+        .fold(None, |worst: Option<f64>, rss| {
+            Some(worst.map_or(rss, |w| w.max(rss)))
+        });
+    let ratios = summaries.ratios.as_ref();
     let p99_limit = latency::p99_limit_ms();
     vec![
         Check::new(
-            format!("drain rate >= {MIN_RATE_RATIO} x reference"),
-            medians
-                .rate_ratio
-                .map(|r| (format!("median ratio {r:.2}"), r >= MIN_RATE_RATIO)),
+            format!("drain rate >= {MIN_RATE_RATIO} x reference (median)"),
+            ratios.map(|r| {
+                (
+                    format!("ratio min/med/max {}", r.rate.show(2)),
+                    r.rate.median >= MIN_RATE_RATIO,
+                )
+            }),
         ),
         Check::new(
-            format!("CPU per message <= {MAX_CPU_RATIO} x reference"),
-            medians
-                .cpu_ratio
-                .map(|r| (format!("median ratio {r:.2}"), r <= MAX_CPU_RATIO)),
+            format!("CPU per message <= {MAX_CPU_RATIO} x reference (median)"),
+            ratios.map(|r| {
+                (
+                    format!("ratio min/med/max {}", r.cpu.show(2)),
+                    r.cpu.median <= MAX_CPU_RATIO,
+                )
+            }),
         ),
         Check::new(
-            format!("peak RSS <= {MAX_RSS_MIB} MiB"),
+            format!("peak RSS draining normal clicks <= {MAX_RSS_MIB} MiB (median)"),
             Some((
-                format!("largest {worst_rss:.1} MiB"),
-                worst_rss <= MAX_RSS_MIB,
+                format!(
+                    "min/med/max {} MiB",
+                    summaries.click_consumer.peak_rss_mib.show(1)
+                ),
+                rss <= MAX_RSS_MIB,
             )),
+        ),
+        Check::new(
+            format!("peak RSS draining large clicks <= {MAX_LARGE_RSS_MIB} MiB (every drain)"),
+            worst_large.map(|worst| {
+                (
+                    format!("largest {worst:.1} MiB"),
+                    worst <= MAX_LARGE_RSS_MIB,
+                )
+            }),
         ),
         Check::new(
             format!("p99 latency <= BATCH_TIMEOUT_MS + 250 = {p99_limit:.0} ms"),
@@ -252,6 +346,7 @@ pub(crate) fn write(results: &Results, path: Option<&Path>) -> anyhow::Result<Pa
 pub(crate) fn print(results: &Results) {
     print_header(results);
     print_drains(&results.drain);
+    print_large(&results.large);
     if let Some(latency) = &results.latency {
         print_latency(latency);
     }
@@ -279,41 +374,73 @@ fn print_header(results: &Results) {
         m.rabbitmq, m.clickhouse
     );
     println!(
-        "click-consumer at its defaults: BATCH_SIZE {}, BATCH_TIMEOUT_MS {}, prefetch {}",
-        s.batch_size, s.batch_timeout_ms, s.prefetch
+        "click-consumer at its defaults: BATCH_SIZE {}, BATCH_TIMEOUT_MS {}, prefetch {}{}",
+        s.batch_size,
+        s.batch_timeout_ms,
+        s.prefetch,
+        if s.consumer_env.is_empty() {
+            String::new()
+        } else {
+            format!("; overridden: {}", s.consumer_env.join(" "))
+        }
+    );
+    println!(
+        "references (lapin, no work): `{REFERENCE}` prefetch {} with a multiple-ack per {}; `{REFERENCE_SMALL}` prefetch {SMALL_PREFETCH} with one per {SMALL_ACK_EVERY}",
+        s.prefetch, s.batch_size
     );
 }
 
-const DRAIN_HEADER: &str = "run  consumer          seconds      msg/s  CPU-s/1M  RSS MiB  INSERTs  ms/INSERT  parts  rows/part min/med/max  prefill msg/s";
+const DRAIN_HEADER: &str = "run  consumer          seconds      msg/s  CPU-s/1M  broker CPU-s/1M  RSS MiB  INSERTs  ms/INSERT  parts  rows/part min/med/max  prefill msg/s";
 
 fn print_drains(drain: &Drain) {
     let runs = &drain.runs;
     let messages = runs.first().map_or(0, |c| c.click_consumer.messages);
     println!();
     println!(
-        "Drain of {} queued clicks: time from the consumer's start until the queue is drained",
+        "Drain of {} queued clicks: time from the consumer's start until the last message is stored (reference: acknowledged)",
         grouped(messages as f64)
     );
     println!(
-        "(click-consumer: all rows in ClickHouse and acknowledged; CPU: user+sys of the consumer \
-         process over its life; RSS: its peak, VmHWM; * = drained first)"
+        "(CPU: user+sys of the consumer process over its life; broker CPU: the RabbitMQ node's \
+         over the drain; RSS: the consumer's peak, VmHWM; * = drained first)"
     );
     println!("{DRAIN_HEADER}");
     for comparison in runs {
-        let first = comparison.first;
+        let first = comparison.order.first().copied().unwrap_or_default();
         let label = comparison.repeat.to_string();
         print_run(&label, &comparison.click_consumer, first);
-        if let Some(reference) = &comparison.reference {
+        for reference in [&comparison.reference, &comparison.reference_small]
+            .into_iter()
+            .flatten()
+        {
             print_run(&label, reference, first);
         }
-        print_ratios(&label, comparison.rate_ratio, comparison.cpu_ratio);
+        print_ratios(&label, REFERENCE, comparison.ratios);
+        print_ratios(&label, REFERENCE_SMALL, comparison.ratios_small);
     }
-    let medians = &drain.medians;
-    print_summary("click-consumer", &medians.click_consumer);
-    if let Some(reference) = &medians.reference {
-        print_summary("reference", reference);
+    let summaries = &drain.summaries;
+    println!();
+    println!("Spread over the repeats: min / median / max");
+    print_summary("click-consumer", &summaries.click_consumer);
+    if let Some(reference) = &summaries.reference {
+        print_summary(REFERENCE, reference);
     }
-    print_ratios("med", medians.rate_ratio, medians.cpu_ratio);
+    if let Some(reference) = &summaries.reference_small {
+        print_summary(REFERENCE_SMALL, reference);
+    }
+    for (name, ratios) in [
+        (REFERENCE, &summaries.ratios),
+        (REFERENCE_SMALL, &summaries.ratios_small),
+    ] {
+        if let Some(r) = ratios {
+            println!(
+                "  click-consumer / {name}: rate {}, CPU {}, broker CPU {}",
+                r.rate.show(2),
+                r.cpu.show(2),
+                r.broker_cpu.map_or("-".to_owned(), |b| b.show(2))
+            );
+        }
+    }
 }
 
 fn print_run(label: &str, run: &DrainRun, first: &str) {
@@ -322,11 +449,13 @@ fn print_run(label: &str, run: &DrainRun, first: &str) {
         format!("{}/{}/{}", p.min_rows, p.median_rows, p.max_rows)
     });
     println!(
-        "{label:<4} {:<16} {:>8.2} {:>10} {:>9.2} {:>8.1} {:>8} {:>10} {:>6}  {:<22} {:>13}",
+        "{label:<4} {:<16} {:>8.2} {:>10} {:>9.2} {:>16} {:>8.1} {:>8} {:>10} {:>6}  {:<22} {:>13}",
         format!("{}{mark}", run.consumer),
         run.seconds,
         grouped(run.rate),
         run.cpu_seconds_per_million,
+        run.broker_cpu_seconds_per_million
+            .map_or("-".to_owned(), |b| format!("{b:.2}")),
         run.peak_rss_mib,
         run.inserts.map_or("-".to_owned(), |n| n.to_string()),
         run.mean_insert_ms
@@ -341,26 +470,54 @@ fn print_run(label: &str, run: &DrainRun, first: &str) {
 
 fn print_summary(consumer: &str, summary: &Summary) {
     println!(
-        "{:<4} {consumer:<16} {:>8.2} {:>10} {:>9.2} {:>8.1} {:>8} {:>10}",
-        "med",
-        summary.seconds,
-        grouped(summary.rate),
-        summary.cpu_seconds_per_million,
-        summary.peak_rss_mib,
+        "  {consumer:<16} seconds {}, msg/s {} / {} / {}, CPU-s/1M {}, broker CPU-s/1M {}, RSS MiB {}",
+        summary.seconds.show(2),
+        grouped(summary.rate.min),
+        grouped(summary.rate.median),
+        grouped(summary.rate.max),
+        summary.cpu_seconds_per_million.show(2),
         summary
-            .inserts
-            .map_or("-".to_owned(), |n| format!("{n:.0}")),
-        summary
-            .mean_insert_ms
-            .map_or("-".to_owned(), |ms| format!("{ms:.1}")),
+            .broker_cpu_seconds_per_million
+            .map_or("-".to_owned(), |b| b.show(2)),
+        summary.peak_rss_mib.show(1),
     );
 }
 
-fn print_ratios(label: &str, rate: Option<f64>, cpu: Option<f64>) {
-    if let (Some(rate), Some(cpu)) = (rate, cpu) {
+fn print_ratios(label: &str, name: &str, ratios: Option<Ratios>) {
+    if let Some(r) = ratios {
         println!(
-            "{label:<4} {:<16} {:>8} {:>10.2} {:>9.2}",
-            "ratio c-c/ref", "", rate, cpu
+            "{label:<4} {:<16} rate {:.2}, CPU {:.2}, broker CPU {}",
+            format!("c-c/{name}"),
+            r.rate,
+            r.cpu,
+            r.broker_cpu.map_or("-".to_owned(), |b| format!("{b:.2}"))
+        );
+    }
+}
+
+fn print_large(large: &[LargeDrain]) {
+    if large.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "Large-message drains: click-consumer at the settings above, valid clicks of ~{} KB each",
+        large[0].bytes_each / 1000
+    );
+    println!("messages  seconds   msg/s   MB/s  CPU-s  broker CPU-s  peak RSS MiB  INSERTs");
+    for l in large {
+        let r = &l.run;
+        println!(
+            "{:>8} {:>8.2} {:>7.0} {:>6.1} {:>6.2} {:>13} {:>13.1} {:>8}",
+            r.messages,
+            r.seconds,
+            r.rate,
+            r.bytes_per_second.unwrap_or(f64::NAN) / 1e6,
+            r.cpu_seconds,
+            r.broker_cpu_seconds
+                .map_or("-".to_owned(), |b| format!("{b:.2}")),
+            r.peak_rss_mib,
+            r.inserts.map_or("-".to_owned(), |n| n.to_string()),
         );
     }
 }
@@ -396,42 +553,65 @@ fn print_targets(checks: &[Check]) {
             Some(false) => "FAIL",
             None => "----",
         };
-        println!("  {verdict}  {:<52} {}", check.target, check.measured);
+        println!("  {verdict}  {:<60} {}", check.target, check.measured);
     }
 }
 
 fn print_markdown(results: &Results) {
     let s = &results.settings;
-    let m = &results.drain.medians;
+    let m = &results.drain.summaries;
     let c = &m.click_consumer;
-    let r = m.reference.as_ref();
     let dash = || "—".to_owned();
+    let spread = |x: Option<Spread>, d: usize| x.map_or_else(dash, |x| x.show(d));
+    let rates = |x: &Summary| {
+        format!(
+            "{} / {} / {}",
+            grouped(x.rate.min),
+            grouped(x.rate.median),
+            grouped(x.rate.max)
+        )
+    };
     println!();
     println!("Markdown (for the README):");
     println!();
     println!(
-        "| {} queued clicks, median of {} | click-consumer | reference (lapin, no work) | ratio (median of the runs' ratios) |",
+        "| {} queued clicks, {} repeats, min / median / max | click-consumer | reference: prefetch {}, ack per {} | reference: prefetch {SMALL_PREFETCH}, ack per {SMALL_ACK_EVERY} |",
         grouped(s.messages as f64),
-        s.repeats
+        s.repeats,
+        grouped(f64::from(s.prefetch)),
+        grouped(s.batch_size as f64),
     );
     println!("|---|---:|---:|---:|");
-    println!(
-        "| drain rate (msg/s) | {} | {} | {} |",
-        grouped(c.rate),
-        r.map_or_else(dash, |r| grouped(r.rate)),
-        m.rate_ratio.map_or_else(dash, |x| format!("{x:.2}"))
-    );
-    println!(
-        "| CPU-seconds per 1M messages | {:.2} | {} | {} |",
-        c.cpu_seconds_per_million,
-        r.map_or_else(dash, |r| format!("{:.2}", r.cpu_seconds_per_million)),
-        m.cpu_ratio.map_or_else(dash, |x| format!("{x:.2}"))
-    );
-    println!(
-        "| peak RSS (MiB) | {:.1} | {} | |",
-        c.peak_rss_mib,
-        r.map_or_else(dash, |r| format!("{:.1}", r.peak_rss_mib))
-    );
+    let row = |name: &str, of: &dyn Fn(&Summary) -> String| {
+        println!(
+            "| {name} | {} | {} | {} |",
+            of(c),
+            m.reference.as_ref().map_or_else(dash, of),
+            m.reference_small.as_ref().map_or_else(dash, of)
+        );
+    };
+    row("drain rate (msg/s)", &rates);
+    row("CPU-seconds per 1M messages", &|x| {
+        x.cpu_seconds_per_million.show(2)
+    });
+    row("broker CPU-seconds per 1M messages", &|x| {
+        spread(x.broker_cpu_seconds_per_million, 2)
+    });
+    row("peak RSS (MiB)", &|x| x.peak_rss_mib.show(1));
+    let ratio_row = |name: &str, of: fn(&RatioSpread) -> Option<Spread>| {
+        println!(
+            "| {name} | | {} | {} |",
+            spread(m.ratios.as_ref().and_then(of), 2),
+            spread(m.ratios_small.as_ref().and_then(of), 2)
+        );
+    };
+    ratio_row("click-consumer / reference: drain rate", |r| Some(r.rate));
+    ratio_row("click-consumer / reference: CPU per message", |r| {
+        Some(r.cpu)
+    });
+    ratio_row("click-consumer / reference: broker CPU per message", |r| {
+        r.broker_cpu
+    });
     println!(
         "| INSERTs (median rows, mean duration per INSERT) | {} ({} rows, {} ms) | | |",
         c.inserts.map_or_else(dash, |n| format!("{n:.0}")),
@@ -446,6 +626,26 @@ fn print_markdown(results: &Results) {
             l.p99_ms,
             l.max_ms
         );
+    }
+    if !results.large.is_empty() {
+        println!();
+        println!(
+            "| large clicks (~{} KB each), defaults | seconds | MB/s | msg/s | peak RSS (MiB) |",
+            results.large[0].bytes_each / 1000
+        );
+        println!("|---|---:|---:|---:|---:|");
+        for l in &results.large {
+            let r = &l.run;
+            println!(
+                "| {} messages ({:.1} GB) | {:.1} | {:.1} | {:.0} | {:.1} |",
+                grouped(r.messages as f64),
+                (r.messages as f64 * l.bytes_each as f64) / 1e9,
+                r.seconds,
+                r.bytes_per_second.unwrap_or(f64::NAN) / 1e6,
+                r.rate,
+                r.peak_rss_mib
+            );
+        }
     }
     let machine = &results.machine;
     println!();

@@ -36,8 +36,14 @@ pub(crate) struct Service {
 }
 
 impl Service {
-    /// Starts `binary` on `target`.
-    pub(crate) fn start(binary: &Path, servers: &Servers, target: &Target) -> anyhow::Result<Self> {
+    /// Starts `binary` on `target`, with `extra_env` (`NAME=value`) on top of its
+    /// defaults.
+    pub(crate) fn start(
+        binary: &Path,
+        servers: &Servers,
+        target: &Target,
+        extra_env: &[String],
+    ) -> anyhow::Result<Self> {
         let metrics_port = http::free_port().context("no free port for METRICS_ADDR")?;
         let mut command = Command::new(binary);
         command
@@ -56,6 +62,12 @@ impl Service {
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        for setting in extra_env {
+            let (name, value) = setting
+                .split_once('=')
+                .with_context(|| format!("--consumer-env `{setting}`: expected NAME=value"))?;
+            command.env(name, value);
+        }
         Ok(Service {
             process: Watched::spawn("click-consumer", command)?,
             metrics_port,

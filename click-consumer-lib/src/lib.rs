@@ -38,7 +38,8 @@
 //! - Extra columns filled from same-named fields: `columns` (the table's layout, read and
 //!   refreshed), `field` (types, JSON values, typed RowBinary), `encode` (rows into a batch).
 //! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `commit`,
-//!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology).
+//!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology, `ack` for
+//!   settling deliveries).
 //! - [`ClickPublisher`] (`publisher`): publish clicks from the shortener.
 //! - [`Metrics`] and [`Summary`] (`metrics`; `exposition` converts to the classic
 //!   Prometheus text format).

@@ -44,6 +44,7 @@ const BROKER_STATES: [&str; 3] = ["connected", "blocked", "reconnecting"];
 pub struct Metrics {
     registry: Registry,
     pub(crate) received: Counter,
+    pub(crate) received_bytes: Counter,
     pub(crate) redelivered: Counter,
     pub(crate) rows_inserted: Counter,
     pub(crate) dead_lettered: Family<ReasonLabel, Counter>,
@@ -82,6 +83,7 @@ impl Metrics {
         let mut m = Metrics {
             registry: Registry::with_prefix("click_consumer"),
             received: Counter::default(),
+            received_bytes: Counter::default(),
             redelivered: Counter::default(),
             rows_inserted: Counter::default(),
             dead_lettered: Family::default(),
@@ -120,6 +122,11 @@ impl Metrics {
             "messages_received",
             "Messages delivered by RabbitMQ",
             self.received.clone(),
+        );
+        r.register(
+            "message_bytes_received",
+            "Bytes of message bodies delivered by RabbitMQ",
+            self.received_bytes.clone(),
         );
         r.register(
             "messages_redelivered",
@@ -358,6 +365,7 @@ pub struct Summary {
 pub(crate) struct StatsLog {
     metrics: Arc<Metrics>,
     last: Summary,
+    last_bytes: u64,
     last_at: Instant,
 }
 
@@ -365,6 +373,7 @@ impl StatsLog {
     pub(crate) fn new(metrics: Arc<Metrics>) -> Self {
         StatsLog {
             last: metrics.summary(),
+            last_bytes: metrics.received_bytes.get(),
             metrics,
             last_at: Instant::now(),
         }
@@ -372,10 +381,12 @@ impl StatsLog {
 
     pub(crate) fn log(&mut self) {
         let now = self.metrics.summary();
+        let bytes = self.metrics.received_bytes.get();
         let secs = self.last_at.elapsed().as_secs_f64().max(0.001);
         log::info!(
-            "throughput: {:.0} msg/s received, {:.0} rows/s stored ({} messages, {} rows, {} dead-lettered, {} insert retries in the last {:.0}s; {} unacked, queue depth {})",
+            "throughput: {:.0} msg/s ({}/s) received, {:.0} rows/s stored ({} messages, {} rows, {} dead-lettered, {} insert retries in the last {:.0}s; {} unacked, queue depth {})",
             (now.received - self.last.received) as f64 / secs,
+            human_bytes((bytes - self.last_bytes) as f64 / secs),
             (now.stored - self.last.stored) as f64 / secs,
             now.received - self.last.received,
             now.stored - self.last.stored,
@@ -386,7 +397,18 @@ impl StatsLog {
             self.metrics.queue_depth.get(),
         );
         self.last = now;
+        self.last_bytes = bytes;
         self.last_at = Instant::now();
+    }
+}
+
+/// `1536.0` as `1.5 KB`: decimal units, as bytes/s are usually read.
+fn human_bytes(bytes: f64) -> String {
+    match bytes {
+        b if b >= 1e9 => format!("{:.1} GB", b / 1e9),
+        b if b >= 1e6 => format!("{:.1} MB", b / 1e6),
+        b if b >= 1e3 => format!("{:.1} kB", b / 1e3),
+        b => format!("{b:.0} B"),
     }
 }
 
@@ -395,14 +417,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn byte_rates_read_well() {
+        assert_eq!(human_bytes(0.0), "0 B");
+        assert_eq!(human_bytes(950.0), "950 B");
+        assert_eq!(human_bytes(1_536.0), "1.5 kB");
+        assert_eq!(human_bytes(48_200_000.0), "48.2 MB");
+        assert_eq!(human_bytes(2.5e9), "2.5 GB");
+    }
+
+    #[test]
     fn exposition_uses_prometheus_names() {
         let m = Metrics::new();
         m.received.inc_by(3);
+        m.received_bytes.inc_by(900);
         m.dead_lettered(InvalidKind::NotJson);
         m.inserted(2, Duration::from_millis(5));
         let text = m.encode();
         for line in [
             "click_consumer_messages_received_total 3",
+            "click_consumer_message_bytes_received_total 900",
             "click_consumer_rows_inserted_total 2",
             "click_consumer_inserts_total 1",
             "click_consumer_messages_dead_lettered_total{reason=\"not_json\"} 1",

@@ -275,6 +275,7 @@ impl Session {
             ..
         } = delivery;
         metrics.received.inc();
+        metrics.received_bytes.inc_by(body.len() as u64);
         if redelivered {
             metrics.redelivered.inc();
         }

@@ -244,6 +244,12 @@ impl RabbitMq {
         self.amqp_port
     }
 
+    /// The broker's process id (the `beam.smp` process itself), while it runs: for
+    /// reading its CPU time from `/proc/<pid>/stat`.
+    pub fn pid(&self) -> Option<u32> {
+        self.broker.pid()
+    }
+
     /// The directory holding the configuration, the database (`mnesia/`) and the
     /// logs (`log/`). For RabbitMQ 4 it lies inside the chroot's `/tmp`.
     pub fn dir(&self) -> &Path {
