@@ -40,10 +40,15 @@ struct Message {
 /// Valid clicks with distinct short codes; every 20th message is poison, cycling
 /// through every kind of bad input.
 fn stream(tag: &str) -> Vec<Message> {
+    stream_of(tag, VALID)
+}
+
+/// [`stream`] with `valid_count` valid clicks.
+fn stream_of(tag: &str, valid_count: usize) -> Vec<Message> {
     let mut messages = Vec::new();
     let mut valid = 0;
     let mut poison = 0;
-    while valid < VALID {
+    while valid < valid_count {
         if messages.len() % 20 == 19 {
             messages.push(poison_message(poison));
             poison += 1;
@@ -122,6 +127,8 @@ struct Counts {
     still_queued: u64,
     lost: u64,
     duplicates_allowed: u64,
+    /// A check made while the fault lasted that failed (`None`: all held).
+    during_fault: Option<String>,
     note: String,
 }
 
@@ -137,6 +144,7 @@ impl Counts {
     fn passed(&self) -> bool {
         self.lost == 0
             && self.exercised
+            && self.during_fault.is_none()
             && self.still_queued == 0
             && self.dead_letter_kinds_match
             && self.stored_twice <= self.duplicates_allowed
@@ -160,13 +168,23 @@ impl<'a> Run<'a> {
         rabbitmq: &'a RabbitMq,
         clickhouse: &'a ClickHouse,
     ) -> Self {
+        Self::with_stream(name, tag, rabbitmq, clickhouse, stream(tag))
+    }
+
+    fn with_stream(
+        name: &'static str,
+        tag: &str,
+        rabbitmq: &'a RabbitMq,
+        clickhouse: &'a ClickHouse,
+        messages: Vec<Message>,
+    ) -> Self {
         let stack = Stack::new(rabbitmq, clickhouse, tag);
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let publisher = stack.publisher(&runtime);
         Run {
             name,
             stack,
-            messages: stream(tag),
+            messages,
             runtime,
             publisher,
         }
@@ -189,6 +207,19 @@ impl<'a> Run<'a> {
 
     /// Lets `consumer` (or a new one) drain what is left, stops it, and counts.
     fn finish(self, consumer: Option<Service>, duplicates_allowed: u64, note: String) -> Counts {
+        self.finish_with_deleted(consumer, duplicates_allowed, note, 0)
+    }
+
+    /// [`Run::finish`] when `deleted` dead letters were deleted with the dead-letter
+    /// queue: they count as dead-lettered (their originals were rightly acknowledged), but
+    /// their kinds are unknown, so each kind needs only as many copies as are left.
+    fn finish_with_deleted(
+        self,
+        consumer: Option<Service>,
+        duplicates_allowed: u64,
+        note: String,
+        deleted: u64,
+    ) -> Counts {
         let mut consumer = consumer.unwrap_or_else(|| self.stack.spawn(&[]));
         let valid = self.messages.iter().filter(|m| m.poison.is_none()).count() as u64;
         let poison = self.messages.len() as u64 - valid;
@@ -197,7 +228,7 @@ impl<'a> Run<'a> {
                 .stack
                 .queue_counts(&self.stack.dead_letter_queue())
                 .map_or(0, |q| q.0);
-            self.stack.rows().1 == valid && self.stack.queue() == (0, 0) && dead >= poison
+            self.stack.rows().1 == valid && self.stack.queue() == (0, 0) && dead + deleted >= poison
         });
         let status = consumer.stop();
         let (rows, distinct) = self.stack.rows();
@@ -207,11 +238,17 @@ impl<'a> Run<'a> {
         for kind in self.messages.iter().filter_map(|m| m.poison) {
             *expected.entry(kind.to_owned()).or_default() += 1;
         }
-        let dead_lettered: u64 = kinds.values().sum();
-        let kinds_match = expected
-            .iter()
-            .all(|(kind, n)| kinds.get(kind).is_some_and(|got| got >= n))
-            && kinds.keys().all(|kind| expected.contains_key(kind));
+        let dead_lettered: u64 = kinds.values().sum::<u64>() + deleted;
+        let kinds_match = if deleted == 0 {
+            expected
+                .iter()
+                .all(|(kind, n)| kinds.get(kind).is_some_and(|got| got >= n))
+        } else {
+            // Every kind has at least its count less what may have been deleted.
+            expected
+                .iter()
+                .all(|(kind, n)| kinds.get(kind).copied().unwrap_or(0) + deleted >= *n)
+        } && kinds.keys().all(|kind| expected.contains_key(kind));
         let mut note = note;
         if !drained {
             note.push_str(" (did not drain within 90 s)");
@@ -232,6 +269,7 @@ impl<'a> Run<'a> {
             still_queued: ready + unacked,
             lost: valid.saturating_sub(distinct) + poison.saturating_sub(dead_lettered),
             duplicates_allowed,
+            during_fault: None,
             note,
         }
     }
@@ -433,9 +471,265 @@ fn queue_deleted() -> Counts {
     run.finish(Some(consumer), 0, format!("{reconnects} reconnect(s)"))
 }
 
+/// Valid clicks in the resource-alarm scenarios: with 5% poison, 5,000 messages.
+const ALARM_VALID: usize = 4750;
+/// How long each resource alarm lasts. Longer than the dead-letter outbox's confirm
+/// timeout (30 s), so a round of dead letters that a blocked connection holds back is
+/// seen to wait (not dropped, not published elsewhere) past that timeout.
+const ALARM_HOLD: Duration = Duration::from_secs(35);
+const BLOCKED_GAUGE: &str = "click_consumer_broker_connection_state{state=\"blocked\"}";
+const DEAD_LETTERED: &str = "click_consumer_messages_dead_lettered_total";
+
+/// A RabbitMQ resource alarm a scenario raises and clears with rabbitmqctl.
+struct Alarm {
+    /// The resource as `rabbit_alarm:get_alarms()` names it (`memory`, `disk`).
+    resource: &'static str,
+    raise: &'static [&'static str],
+    clear: &'static [&'static str],
+}
+
+/// The node's alarms, e.g. `[{{resource_limit,memory,'rabbit@localhost'},[]}]`.
+fn alarms(rabbitmq: &RabbitMq) -> String {
+    rabbitmq.ctl(&["-q", "eval", "rabbit_alarm:get_alarms()."])
+}
+
+fn memory_alarm() -> Counts {
+    resource_alarm(
+        "RabbitMQ memory alarm (35 s) with a backlog",
+        "memalarm",
+        &Alarm {
+            resource: "memory",
+            raise: &["set_vm_memory_high_watermark", "0.0000001"],
+            clear: &["set_vm_memory_high_watermark", "0.4"],
+        },
+    )
+}
+
+fn disk_alarm() -> Counts {
+    resource_alarm(
+        "RabbitMQ disk alarm (35 s) with a backlog",
+        "diskalarm",
+        &Alarm {
+            resource: "disk",
+            // 1 EB free required: always short; then back to the default 50 MB.
+            raise: &["set_disk_free_limit", "1000000000000000000"],
+            clear: &["set_disk_free_limit", "50000000"],
+        },
+    )
+}
+
+/// A backlog (5,000 messages, 5% poison) published, then a resource alarm raised (it
+/// blocks every connection that publishes), then the consumer started. While the alarm
+/// lasts every valid click must be stored and acknowledged, the poison held unacked
+/// with nothing reaching the dead-letter queue, and the gauge must say blocked; once it
+/// clears, every poison message must be dead-lettered.
+fn resource_alarm(name: &'static str, tag: &str, alarm: &Alarm) -> Counts {
+    let rabbitmq = RabbitMq::start();
+    let run = Run::with_stream(
+        name,
+        tag,
+        &rabbitmq,
+        &shared().clickhouse,
+        stream_of(tag, ALARM_VALID),
+    );
+    let valid = run.messages.iter().filter(|m| m.poison.is_none()).count() as u64;
+    let poison = run.messages.len() as u64 - valid;
+    run.publish(0..run.messages.len()); // a publisher is blocked during the alarm
+    rabbitmq.ctl(alarm.raise);
+    wait_until(
+        &format!("the {} alarm", alarm.resource),
+        Duration::from_secs(10),
+        || alarms(&rabbitmq).contains(alarm.resource),
+    );
+    let raised = Instant::now();
+    let consumer = run.stack.spawn(&[]);
+    let dead_letter_queue = run.stack.dead_letter_queue();
+    let mut problems: Vec<String> = Vec::new();
+    let mut problem = |p: String| {
+        if !problems.contains(&p) {
+            eprintln!("{name}: {p}");
+            problems.push(p);
+        }
+    };
+    // Every valid click stored and acked, every poison message received and held.
+    let acked_all = poll(ALARM_HOLD, || {
+        run.stack.rows() == (valid, valid) && run.stack.queue() == (0, poison)
+    });
+    let acked_after = raised.elapsed();
+    if !acked_all {
+        let (rows, distinct) = run.stack.rows();
+        let (ready, unacked) = run.stack.queue();
+        problem(format!(
+            "after {acked_after:.0?}: {rows} rows ({distinct} distinct) of {valid}, queue {ready} ready, {unacked} unacked (want 0, {poison})"
+        ));
+    }
+    // Then, until the alarm has lasted ALARM_HOLD, the same must hold every second.
+    let mut samples = 0;
+    loop {
+        samples += 1;
+        let (rows, distinct) = run.stack.rows();
+        let (ready, unacked) = run.stack.queue();
+        let received = run.stack.metric("click_consumer_messages_received_total");
+        let poison_received = received.saturating_sub(valid);
+        let dead = run.stack.queue_counts(&dead_letter_queue);
+        let blocked = run.stack.metric(BLOCKED_GAUGE);
+        let confirmed = run.stack.metric(DEAD_LETTERED);
+        let at = raised.elapsed();
+        if (rows, distinct) != (valid, valid) {
+            problem(format!(
+                "at {at:.0?}: {rows} rows, {distinct} distinct, want {valid}"
+            ));
+        }
+        if ready != 0 || unacked != poison_received || poison_received != poison {
+            problem(format!(
+                "at {at:.0?}: queue {ready} ready, {unacked} unacked; {poison_received} poison received of {poison}"
+            ));
+        }
+        if dead != Some((0, 0)) || confirmed != 0 {
+            problem(format!(
+                "at {at:.0?}: dead-letter queue {dead:?}, {confirmed} copies confirmed while blocked"
+            ));
+        }
+        if blocked != 1 {
+            problem(format!("at {at:.0?}: {BLOCKED_GAUGE} = {blocked}"));
+        }
+        if raised.elapsed() >= ALARM_HOLD {
+            break;
+        }
+        thread::sleep(Duration::from_secs(1));
+    }
+    if !alarms(&rabbitmq).contains(alarm.resource) {
+        problem(format!("the {} alarm cleared by itself", alarm.resource));
+    }
+    let held = raised.elapsed();
+    let cleared = Instant::now();
+    rabbitmq.ctl(alarm.clear);
+    wait_until(
+        &format!("the {} alarm to clear", alarm.resource),
+        Duration::from_secs(10),
+        || !alarms(&rabbitmq).contains(alarm.resource),
+    );
+    let dead_lettered_all = poll(Duration::from_secs(60), || {
+        run.stack.metric(DEAD_LETTERED) >= poison
+    });
+    let dead_letter_wait = cleared.elapsed();
+    let unblocked = run.stack.metric(BLOCKED_GAUGE) == 0;
+    if !dead_lettered_all {
+        problem(format!(
+            "dead letters not all confirmed {dead_letter_wait:.0?} after the alarm cleared"
+        ));
+    }
+    if !unblocked {
+        problem("the gauge still says blocked after the alarm cleared".to_owned());
+    }
+    let retries = run.stack.metric("click_consumer_dead_letter_retries_total");
+    let reconnects = run.stack.metric("click_consumer_broker_reconnects_total");
+    let mut counts = run.finish(
+        Some(consumer),
+        0,
+        format!(
+            "alarm held {held:.0?} ({samples} checks); all {valid} valid stored and acked {acked_after:.1?} into it, {poison} poison held unacked, 0 dead letters, gauge blocked; all dead-lettered {dead_letter_wait:.1?} after it cleared; {retries} dead-letter retries, {reconnects} reconnects"
+        ),
+    );
+    if !problems.is_empty() {
+        counts.during_fault = Some(problems.join("; "));
+    }
+    counts
+}
+
+/// The dead-letter queue deleted while poison flows: copies published to it after that
+/// come back (mandatory) and their originals must return to the queue, not be
+/// acknowledged; the consumer declares the queue again and they are dead-lettered.
+fn dead_letter_queue_deleted() -> Counts {
+    let rabbitmq = RabbitMq::start();
+    let run = Run::new(
+        "dead-letter queue deleted mid-stream",
+        "dlqdel",
+        &rabbitmq,
+        &shared().clickhouse,
+    );
+    let consumer = run.stack.spawn(&[]);
+    let dead_letter_queue = run.stack.dead_letter_queue();
+    let n = run.messages.len();
+    let (first, second) = (n / 3, 2 * n / 3);
+    let poison_in = |range: std::ops::Range<usize>| {
+        run.messages[range]
+            .iter()
+            .filter(|m| m.poison.is_some())
+            .count() as u64
+    };
+    run.publish(0..first);
+    let poison_first = poison_in(0..first);
+    wait_until(
+        "the first chunk's dead letters",
+        Duration::from_secs(60),
+        || run.stack.metric(DEAD_LETTERED) >= poison_first,
+    );
+    // The middle chunk is published at a pace (20 messages every 50 ms) so that its
+    // poison is still flowing when the dead-letter queue is deleted.
+    let (deleted, deleted_while_publishing, confirmed_before) = thread::scope(|scope| {
+        let publishing = scope.spawn(|| {
+            for start in (first..second).step_by(20) {
+                run.publish(start..(start + 20).min(second));
+                thread::sleep(Duration::from_millis(50));
+            }
+        });
+        wait_until(
+            "dead letters of the middle chunk",
+            Duration::from_secs(60),
+            || run.stack.metric(DEAD_LETTERED) >= poison_first + 3,
+        );
+        let confirmed_before = run.stack.metric(DEAD_LETTERED);
+        let out = rabbitmq.ctl(&["delete_queue", &dead_letter_queue]);
+        let still_publishing = !publishing.is_finished();
+        publishing.join().expect("the middle chunk is published");
+        (deleted_count(&out), still_publishing, confirmed_before)
+    });
+    run.publish(second..n);
+    wait_until(
+        "the dead-letter queue declared again",
+        Duration::from_secs(60),
+        || run.stack.queue_counts(&dead_letter_queue).is_some(),
+    );
+    let refused = run
+        .stack
+        .metric("click_consumer_dead_letters_refused_total");
+    let redeclared = run
+        .stack
+        .metric("click_consumer_topology_redeclarations_total");
+    let reconnects = run.stack.metric("click_consumer_broker_reconnects_total");
+    let mut counts = run.finish_with_deleted(
+        Some(consumer),
+        0,
+        format!(
+            "deleted with {deleted} dead letters ({confirmed_before} confirmed before; middle chunk {}); {refused} copies returned, {redeclared} redeclarations, {reconnects} reconnects",
+            if deleted_while_publishing {
+                "still publishing"
+            } else {
+                "already published"
+            }
+        ),
+        deleted,
+    );
+    // Copies were returned, so the path that must not ack their originals ran.
+    counts.exercised = refused > 0 && deleted > 0;
+    counts
+}
+
+/// The message count of `rabbitmqctl delete_queue`'s "Queue was successfully deleted
+/// with N messages".
+fn deleted_count(out: &str) -> u64 {
+    out.lines()
+        .find_map(|line| {
+            let rest = line.split("deleted with ").nth(1)?;
+            rest.split_whitespace().next()?.parse().ok()
+        })
+        .unwrap_or_else(|| panic!("no message count in delete_queue's output: {out}"))
+}
+
 fn main() -> ExitCode {
     type Scenario = (&'static str, fn() -> Counts);
-    let scenarios: [Scenario; 7] = [
+    let scenarios: [Scenario; 10] = [
         ("clickhouse_stopped_10s", clickhouse_stopped_10s),
         ("clickhouse_killed_mid_insert", clickhouse_killed_mid_insert),
         (
@@ -449,6 +743,9 @@ fn main() -> ExitCode {
         ),
         ("sigterm_mid_batch", sigterm_mid_batch),
         ("queue_deleted", queue_deleted),
+        ("memory_alarm", memory_alarm),
+        ("disk_alarm", disk_alarm),
+        ("dead_letter_queue_deleted", dead_letter_queue_deleted),
     ];
     let filter = std::env::args().skip(1).find(|a| !a.starts_with('-'));
     let mut results = Vec::new();
@@ -513,10 +810,11 @@ fn print_table(results: &[Result<Counts, &str>]) {
                 c.dead_letter_duplicates_allowed(),
                 c.still_queued,
                 c.lost,
-                match (c.passed(), c.exercised) {
-                    (true, _) => "pass",
-                    (false, false) => "FAIL (fault not exercised)",
-                    (false, true) => "FAIL",
+                match (c.passed(), c.exercised, &c.during_fault) {
+                    (true, _, _) => "pass".to_owned(),
+                    (false, false, _) => "FAIL (fault not exercised)".to_owned(),
+                    (false, true, Some(check)) => format!("FAIL (during the fault: {check})"),
+                    (false, true, None) => "FAIL".to_owned(),
                 },
                 c.note
             ),

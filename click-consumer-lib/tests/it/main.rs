@@ -4,6 +4,7 @@
 
 mod common;
 mod consume;
+mod dead_letters;
 mod faults;
 mod publisher;
 mod schema;
