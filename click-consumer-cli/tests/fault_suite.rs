@@ -515,6 +515,44 @@ fn queue_table(rabbitmq: &RabbitMq) -> BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
+/// The copies in the dead-letter queue per `x-consumer-tag`, read without taking them
+/// (they return to the queue when the reading connection closes).
+fn dead_letters_by_consumer(run: &Run<'_>) -> BTreeMap<String, u64> {
+    run.runtime.block_on(async {
+        let connection = lapin::Connection::connect(
+            &run.stack.rabbitmq.amqp_url(),
+            lapin::ConnectionProperties::default(),
+        )
+        .await
+        .expect("connect");
+        let channel = connection.create_channel().await.expect("channel");
+        let queue = run.stack.dead_letter_queue();
+        let mut tags = BTreeMap::new();
+        while let Some(message) = channel
+            .basic_get(
+                queue.as_str().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await
+            .expect("basic.get")
+        {
+            let tag = message
+                .delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| match h.inner().get("x-consumer-tag") {
+                    Some(lapin::types::AMQPValue::LongString(s)) => Some(s.to_string()),
+                    _ => None,
+                })
+                .unwrap_or_else(|| "missing x-consumer-tag".to_owned());
+            *tags.entry(tag).or_default() += 1;
+        }
+        let _ = connection.close(200, "done".into()).await;
+        tags
+    })
+}
+
 /// The node's alarms, e.g. `[{{resource_limit,memory,'rabbit@localhost'},[]}]`.
 fn alarms(rabbitmq: &RabbitMq) -> String {
     rabbitmq.ctl(&["-q", "eval", "rabbit_alarm:get_alarms()."])
@@ -629,6 +667,7 @@ fn resource_alarm(name: &'static str, tag: &str, alarm: &Alarm) -> Counts {
     // A restart while the alarm lasts: the shutdown must not hang on the blocked
     // dead-letter connection (the unconfirmed poison goes back to the queue), and the
     // next consumer must hold the poison again, blocked, without dead-lettering it.
+    let first_consumer = format!("-{}", consumer.0.id());
     consumer.sigterm();
     let stopping = Instant::now();
     poll(Duration::from_secs(10), || {
@@ -690,6 +729,22 @@ fn resource_alarm(name: &'static str, tag: &str, alarm: &Alarm) -> Counts {
     if !unblocked {
         problem("the gauge still says blocked after the alarm cleared".to_owned());
     }
+    // Which consumer sent each copy: the running one must have sent exactly one per
+    // poison message; the stopped one's copies (stuck in its blocked socket) are the
+    // only duplicates at-least-once allows here.
+    thread::sleep(Duration::from_secs(2));
+    let by_consumer = dead_letters_by_consumer(&run);
+    let from_stopped: u64 = by_consumer
+        .iter()
+        .filter(|(tag, _)| tag.ends_with(&first_consumer))
+        .map(|(_, n)| n)
+        .sum();
+    let from_running = by_consumer.values().sum::<u64>() - from_stopped;
+    if from_running != poison {
+        problem(format!(
+            "the running consumer sent {from_running} copies for {poison} poison messages ({by_consumer:?})"
+        ));
+    }
     let retries = run.stack.metric("click_consumer_dead_letter_retries_total");
     let reconnects = run.stack.metric("click_consumer_broker_reconnects_total");
     let acked = if acked_all {
@@ -706,7 +761,7 @@ fn resource_alarm(name: &'static str, tag: &str, alarm: &Alarm) -> Counts {
         Some(consumer),
         0,
         format!(
-            "alarm held {held:.0?}, {samples} checks while held; {acked}; restarted during the alarm (stopped in {stop_took:.1?}, poison held again {held_again_after:.1?} later); {dead_lettered}; {retries} dead-letter retries, {reconnects} reconnects"
+            "alarm held {held:.0?}, {samples} checks while held; {acked}; restarted during the alarm (stopped in {stop_took:.1?}, poison held again {held_again_after:.1?} later); {dead_lettered}, {from_running} by the running consumer, {from_stopped} sent by the stopped one before it stopped; {retries} dead-letter retries, {reconnects} reconnects"
         ),
     );
     // Copies the first consumer had sent when it stopped reach the dead-letter queue when
