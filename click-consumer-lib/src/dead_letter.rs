@@ -69,6 +69,8 @@ const MAX_ROUND: usize = 1000;
 /// How long the broker may take to confirm a round while the connection is not blocked;
 /// then the connection is replaced and the round published again.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often a wait for dead letters looks whether their connection got blocked.
+const BLOCKED_POLL: Duration = Duration::from_millis(100);
 /// How long to wait for the dead-letter connection when opening it.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -226,6 +228,27 @@ impl DeadLetters {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// Completes once every copy handed over is settled, or as soon as RabbitMQ blocks
+    /// the dead-letter connection (resource alarm): nothing can be confirmed before the
+    /// alarm clears, so a session that is ending must not wait for it. Returns whether
+    /// every copy is settled.
+    pub(crate) async fn idle_unless_blocked(&self) -> bool {
+        loop {
+            if self.pending() == 0 {
+                return true;
+            }
+            if self.metrics.broker_blocked() {
+                return false;
+            }
+            if tokio::time::timeout(BLOCKED_POLL, self.idle())
+                .await
+                .is_ok()
+            {
+                return true;
+            }
         }
     }
 

@@ -249,14 +249,22 @@ impl Session {
     /// stops the outbox. Originals whose copies are not confirmed return to the queue.
     async fn settle_dead_letters(&self) {
         let pending = self.dead_letters.pending();
-        if pending > 0
-            && tokio::time::timeout(Duration::from_secs(2), self.dead_letters.idle())
-                .await
-                .is_err()
-        {
-            log::debug!(
-                "{} dead letters were not confirmed before the session ended: their originals return to the queue",
-                self.dead_letters.pending()
+        let settled = pending == 0
+            || tokio::time::timeout(
+                Duration::from_secs(2),
+                self.dead_letters.idle_unless_blocked(),
+            )
+            .await
+            .unwrap_or(false);
+        if !settled {
+            log::info!(
+                "{} dead letters were not confirmed before the session ended{}: their originals return to the queue",
+                self.dead_letters.pending(),
+                if self.shared.metrics.broker_blocked() {
+                    " (RabbitMQ blocks their connection)"
+                } else {
+                    ""
+                }
             );
         }
         self.dead_letters.stop();
@@ -347,8 +355,10 @@ impl Session {
                     other => return end_of(other),
                 }
             }
-            // Dead letters settle their originals themselves: wait for them too.
-            dead_letters.idle().await;
+            // Dead letters settle their originals themselves: wait for them too, unless
+            // RabbitMQ blocks their connection (resource alarm): then they cannot be
+            // confirmed before the alarm clears, and their originals return to the queue.
+            dead_letters.idle_unless_blocked().await;
             End::Shutdown
         };
         match tokio::time::timeout_at(deadline, work).await {

@@ -5,6 +5,7 @@
 mod columns;
 mod common;
 mod consume;
+mod dead_letters;
 mod deprecated;
 mod faults;
 mod publisher;
