@@ -13,7 +13,7 @@ use click_consumer::ClickEvent;
 use click_consumer_testkit::shared;
 use support::{Service, Stack, wait_until};
 
-const CLICKS: usize = 300;
+const CLICKS: usize = 2000;
 
 /// The binary with the stack's settings and a batch that only a drain will write, its
 /// log captured to a file.
@@ -48,7 +48,7 @@ fn buffer_clicks(setup: &Stack<'_>, prefix: &str) {
     let publisher = setup.publisher(&runtime);
     runtime.block_on(async {
         for i in 0..CLICKS {
-            let event = ClickEvent::new(format!("{prefix}{i:04}"), "2024-01-15T10:30:00Z");
+            let event = ClickEvent::new(format!("{prefix}{i:05}"), "2024-01-15T10:30:00Z");
             publisher.publish(&event).await.unwrap();
         }
     });
@@ -70,7 +70,9 @@ fn two_sigterms_together_still_drain_every_row() {
 
     let sent = Instant::now();
     child.sigterm();
-    std::thread::sleep(Duration::from_millis(5));
+    // Long enough for the first signal's handler to have run (so the kernel does not
+    // coalesce the two), short against the drain of the buffered clicks.
+    std::thread::sleep(Duration::from_micros(500));
     child.sigterm();
     let gap = sent.elapsed();
     let status = child.wait_exit(Duration::from_secs(15));
