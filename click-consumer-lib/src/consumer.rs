@@ -72,11 +72,17 @@ impl Consumer {
             (None, 0) => config.consumer_tag(),
             (None, n) => format!("{}-{}", config.consumer_tag(), n + 1),
         };
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::new(&config)?;
+        store.report_to(&metrics.nodes_in_use);
+        let brokers = Arc::new(crate::broker::nodes(&config.rabbitmq_url)?);
+        brokers.report_to(&metrics.nodes_in_use);
         Ok(Consumer {
             shared: Shared {
-                store: Store::new(&config)?,
+                store,
+                brokers,
                 config: Arc::new(config),
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 consumer_tag,
                 on_commit: None,
             },
@@ -184,13 +190,15 @@ impl Consumer {
             if connected_before {
                 metrics.reconnects.inc();
                 log::info!(
-                    "reconnected to RabbitMQ; consuming from `{}` again",
+                    "reconnected to RabbitMQ node {}; consuming from `{}` again",
+                    self.shared.brokers.in_use().1,
                     config.queue
                 );
             } else {
                 log::info!(
-                    "consuming from `{}` as `{}` (prefetch {}, batches of {} rows or {:?})",
+                    "consuming from `{}` on RabbitMQ node {} as `{}` (prefetch {}, batches of {} rows or {:?})",
                     config.queue,
+                    self.shared.brokers.in_use().1,
                     self.shared.consumer_tag,
                     config.prefetch(),
                     config.batch_size,
@@ -207,6 +215,8 @@ impl Consumer {
                 End::Fatal(e) => return Err(e),
                 End::BrokerLost(reason) => {
                     log::warn!("lost the RabbitMQ session: {reason}; reconnecting");
+                    let (lost, _, _) = self.shared.brokers.in_use();
+                    self.shared.brokers.advance(lost, &"connection lost");
                     retrying_since = (Instant::now(), config.reconnect_limit);
                 }
                 End::Redeclare => {
@@ -248,7 +258,7 @@ impl Consumer {
                 "rejected (DEAD_LETTER_ENABLED=false)".to_owned(),
                 |q| format!("`{q}`")
             ),
-            crate::secret::redact_url(&c.clickhouse_url()),
+            crate::endpoints::redact_list(&c.clickhouse_url()),
             self.shared.store.qualified_table(),
             c.clickhouse_user,
         );
@@ -265,8 +275,9 @@ impl Consumer {
             match store.version().await {
                 Ok(version) => {
                     log::info!(
-                        "connected to ClickHouse {version} at {}",
-                        crate::secret::redact_url(store.url())
+                        "connected to ClickHouse {version} at {} (replica in use: {})",
+                        crate::endpoints::redact_list(store.url()),
+                        store.replica_in_use()
                     );
                     break;
                 }
@@ -274,7 +285,7 @@ impl Consumer {
                     let fatal = severity(&e) == Severity::Fatal;
                     if fatal || started.elapsed() >= config.startup_timeout {
                         return Err(Error::ClickHouseUnreachable {
-                            url: crate::secret::redact_url(store.url()),
+                            url: crate::endpoints::redact_list(store.url()),
                             waited: started.elapsed(),
                             source: e,
                         });

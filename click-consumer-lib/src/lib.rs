@@ -50,6 +50,7 @@ mod commit;
 pub mod config;
 mod consumer;
 mod dead_letter;
+mod endpoints;
 mod error;
 mod event;
 mod metrics;

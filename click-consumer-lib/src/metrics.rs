@@ -48,6 +48,7 @@ pub struct Metrics {
     pub(crate) unacked: Gauge,
     pub(crate) queue_depth: Gauge,
     pub(crate) last_insert: Gauge<f64, AtomicU64>,
+    pub(crate) nodes_in_use: crate::endpoints::NodeGauge,
     broker_up: AtomicBool,
     clickhouse_up: AtomicBool,
 }
@@ -77,6 +78,7 @@ impl Metrics {
             unacked: Gauge::default(),
             queue_depth: Gauge::default(),
             last_insert: Gauge::default(),
+            nodes_in_use: Default::default(),
             broker_up: AtomicBool::new(false),
             clickhouse_up: AtomicBool::new(false),
         };
@@ -132,6 +134,11 @@ impl Metrics {
             self.duplicate_risk.clone(),
         );
         r.register("batch_rows", "Rows per INSERT", self.batch_rows.clone());
+        r.register(
+            "node_in_use",
+            "1 for the RabbitMQ node and the ClickHouse replica in use, 0 for the other listed ones",
+            self.nodes_in_use.clone(),
+        );
         r.register(
             "insert_duration_seconds",
             "Duration of successful INSERTs",

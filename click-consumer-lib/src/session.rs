@@ -67,6 +67,7 @@ impl From<lapin::Error> for OpenError {
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) store: Store,
+    pub(crate) brokers: Arc<crate::endpoints::Endpoints<lapin::uri::AMQPUri>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) consumer_tag: String,
     pub(crate) on_commit: Option<crate::commit::CommitHook>,
@@ -106,7 +107,7 @@ impl Session {
         connect_timeout: Duration,
     ) -> Result<Session, OpenError> {
         let config = &shared.config;
-        let connection = broker::connect(config, connect_timeout).await?;
+        let connection = broker::connect(&shared.brokers, config, connect_timeout).await?;
         let consume = connection.create_channel().await?;
         broker::declare_topology(&consume, config)
             .await

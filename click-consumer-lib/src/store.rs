@@ -1,12 +1,16 @@
 //! ClickHouse: the schema at start-up, and INSERTs of pre-encoded RowBinary batches.
+//!
+//! With several replicas in `CLICKHOUSE_URL`, statements go to the replica in use, and an
+//! INSERT that fails transiently there is sent at once to the next (see `endpoints`).
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use bytes::Bytes;
 use clickhouse::{Client, Row, error::Error as ChError};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::endpoints::{self, Endpoints, NodeGauge};
 use crate::error::{Error, Result};
 use crate::event::COLUMNS;
 
@@ -30,7 +34,7 @@ pub(crate) enum InsertFailure {
 /// A cheap-to-clone handle on the ClickHouse table.
 #[derive(Clone)]
 pub(crate) struct Store {
-    client: Client,
+    replicas: Arc<Endpoints<Client>>,
     url: String,
     database: String,
     table: String,
@@ -42,7 +46,7 @@ pub(crate) struct Store {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("url", &crate::secret::redact_url(&self.url))
+            .field("url", &endpoints::redact_list(&self.url))
             .field("table", &self.qualified_table())
             .finish_non_exhaustive()
     }
@@ -59,17 +63,25 @@ impl Store {
     /// [`Error::InvalidSetting`] if `CLICKHOUSE_CA_FILE` holds no usable certificate.
     pub(crate) fn new(config: &Config) -> Result<Self> {
         let url = config.clickhouse_url();
-        let client = match config.clickhouse_ca_pem()? {
+        let base = match config.clickhouse_ca_pem()? {
             Some(pem) => crate::tls::client_trusting(&pem)?,
             None => Client::default(),
         };
         // Schema validation runs `DESCRIBE` with a setting ClickHouse 18.16 refuses; we
         // check the table ourselves at start-up instead (see `check_table`).
-        let client = client
-            .with_url(&url)
+        let base = base
             .with_user(&config.clickhouse_user)
             .with_password(config.clickhouse_password.expose())
             .with_validation(false);
+        let replicas = endpoints::split(&url)
+            .into_iter()
+            .map(|replica| {
+                (
+                    endpoints::node_name(replica),
+                    base.clone().with_url(replica),
+                )
+            })
+            .collect();
         let database = config.clickhouse_database.clone();
         let table = config.clickhouse_table.clone();
         let columns: Vec<&str> = COLUMNS.iter().map(|(name, _)| *name).collect();
@@ -82,7 +94,7 @@ impl Store {
             .as_ref()
             .map_or_else(String::new, |cluster| format!("ON CLUSTER {cluster}"));
         Ok(Store {
-            client,
+            replicas: Arc::new(Endpoints::new("ClickHouse", replicas)),
             url,
             database,
             table,
@@ -96,21 +108,57 @@ impl Store {
         &self.url
     }
 
+    /// Exports the replica in use through `click_consumer_node_in_use`.
+    pub(crate) fn report_to(&self, gauge: &NodeGauge) {
+        self.replicas.report_to(gauge);
+    }
+
+    /// `host:port` of the replica in use.
+    pub(crate) fn replica_in_use(&self) -> &str {
+        self.replicas.in_use().1
+    }
+
+    /// The client of the replica in use.
+    fn client(&self) -> &Client {
+        self.replicas.in_use().2
+    }
+
+    /// Runs `op` on the replica in use, then on the next ones while it fails transiently;
+    /// the replica that answers stays in use. Returns the last error.
+    async fn on_some_replica<T, F, Fut>(&self, op: F) -> Result<T, ChError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ChError>>,
+    {
+        let mut index = self.replicas.current();
+        let mut tries = 1;
+        loop {
+            match op(self.replicas.get(index).1.clone()).await {
+                Err(e) if tries < self.replicas.len() && severity(&e) == Severity::Transient => {
+                    index = self.replicas.advance(index, &e);
+                    tries += 1;
+                }
+                result => return result,
+            }
+        }
+    }
+
     pub(crate) fn qualified_table(&self) -> String {
         format!("{}.{}", self.database, self.table)
     }
 
     /// One cheap round trip.
     pub(crate) async fn ping(&self) -> Result<(), ChError> {
-        self.client.query("SELECT 1").execute().await
+        self.on_some_replica(|client| async move { client.query("SELECT 1").execute().await })
+            .await
     }
 
     /// The server's version, for the start-up log.
     pub(crate) async fn version(&self) -> Result<String, ChError> {
-        self.client
-            .query("SELECT version()")
-            .fetch_one::<String>()
-            .await
+        self.on_some_replica(|client| async move {
+            client.query("SELECT version()").fetch_one::<String>().await
+        })
+        .await
     }
 
     /// Creates the database and the table when missing, then checks the table's columns.
@@ -120,7 +168,7 @@ impl Store {
     /// lacks a column or has one of another type.
     pub(crate) async fn ensure_schema(&self) -> Result<()> {
         let db = &self.database;
-        self.client
+        self.client()
             .query(&format!(
                 "CREATE DATABASE IF NOT EXISTS {db} {}",
                 self.on_cluster
@@ -128,7 +176,7 @@ impl Store {
             .execute()
             .await
             .map_err(|e| Error::clickhouse(format!("failed to create database `{db}`"), e))?;
-        self.client
+        self.client()
             .query(&self.table_ddl())
             .execute()
             .await
@@ -160,7 +208,7 @@ impl Store {
     /// [`Error::TableShape`] naming the first mismatch.
     pub(crate) async fn check_table(&self) -> Result<()> {
         let columns = self
-            .client
+            .client()
             .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
             .bind(&self.database)
             .bind(&self.table)
@@ -195,18 +243,23 @@ impl Store {
         Ok(())
     }
 
-    /// Sends one INSERT of pre-encoded rows. `Bytes` clones are free, so a retry re-sends
-    /// the same buffer.
+    /// Sends one INSERT of pre-encoded rows, to the next replica as well if the one in use
+    /// fails transiently. `Bytes` clones are free, so a retry re-sends the same buffer
+    /// (which a Replicated table deduplicates if an earlier attempt did commit).
     pub(crate) async fn insert(&self, rows: Bytes) -> Result<(), InsertFailure> {
-        let mut insert = self
-            .client
+        self.on_some_replica(|client| self.insert_into(client, rows.clone()))
+            .await
+            .map_err(classify)
+    }
+
+    async fn insert_into(&self, client: Client, rows: Bytes) -> Result<(), ChError> {
+        let mut insert = client
             .insert_formatted_with(self.insert_sql.clone())
             .with_timeouts(Some(INSERT_TIMEOUT), Some(INSERT_TIMEOUT));
-        let result = match insert.send(rows).await {
+        match insert.send(rows).await {
             Ok(()) => insert.end().await,
             Err(e) => Err(e),
-        };
-        result.map_err(classify)
+        }
     }
 }
 

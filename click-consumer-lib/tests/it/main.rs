@@ -4,6 +4,7 @@
 
 mod common;
 mod consume;
+mod failover;
 mod faults;
 mod publisher;
 mod schema;
