@@ -167,6 +167,11 @@ impl Store {
     /// [`Error::ClickHouse`] when a statement fails, [`Error::TableShape`] when the table
     /// lacks a column or has one of another type.
     pub(crate) async fn ensure_schema(&self) -> Result<()> {
+        // `ON CLUSTER` DDL waits for every host of the cluster: with the table already
+        // there, a replica that is down must not hold up start-up.
+        if !self.on_cluster.is_empty() && self.check_table().await.is_ok() {
+            return Ok(());
+        }
         let db = &self.database;
         self.client()
             .query(&format!(

@@ -8,6 +8,8 @@
 //!   about 3-4 s on 2 cores.
 //! * [`ClickHouse`]: `clickhouse-server` (18.16 from Debian); ready in about 0.15 s.
 //! * [`shared`]: one of each per test process, started on first use, in parallel.
+//! * [`ClickHouseCluster`]: a [`ZooKeeper`] (Debian's `zookeeper`) and ClickHouse
+//!   replicas of one shard, for `ON CLUSTER` DDL and Replicated tables.
 //!
 //! The servers die with the test process however it ends (normal exit, panic,
 //! SIGKILL): they are spawned with `PR_SET_PDEATHSIG`, from a thread that lives as long
@@ -28,6 +30,7 @@
 #![warn(missing_docs)]
 
 mod clickhouse;
+mod cluster;
 mod http;
 mod janitor;
 mod ports;
@@ -42,6 +45,7 @@ use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use clickhouse::ClickHouse;
+pub use cluster::{ClickHouseCluster, ZooKeeper};
 pub use rabbitmq::RabbitMq;
 
 /// One RabbitMQ broker and one ClickHouse server, as handed out by [`shared`].

@@ -2,6 +2,7 @@
 //! test binary by `click-consumer-testkit` (install them with
 //! `scripts/install-services.sh`). Every test uses its own exchange, queue and database.
 
+mod cluster;
 mod common;
 mod consume;
 mod failover;
