@@ -274,6 +274,25 @@ impl Consumer {
         loop {
             match store.version().await {
                 Ok(version) => {
+                    if let Err(e) = store.ensure_schema().await {
+                        // A replica lost between the two calls: retry in the window.
+                        match e {
+                            Error::ClickHouse { source, .. }
+                                if severity(&source) == Severity::Transient
+                                    && started.elapsed() < config.startup_timeout =>
+                            {
+                                let delay = backoff.next_delay();
+                                log::warn!(
+                                    "cannot prepare the table: {source}; retrying in {delay:?}"
+                                );
+                                if !sleep_or_stop(delay, stop).await {
+                                    return Ok(false);
+                                }
+                                continue;
+                            }
+                            other => return Err(other),
+                        }
+                    }
                     log::info!(
                         "connected to ClickHouse {version} at {} (replica in use: {})",
                         crate::endpoints::redact_list(store.url()),
@@ -298,7 +317,6 @@ impl Consumer {
                 }
             }
         }
-        store.ensure_schema().await?;
         self.shared.metrics.set_clickhouse_up(true);
         log::info!("table {} is ready", store.qualified_table());
         Ok(true)

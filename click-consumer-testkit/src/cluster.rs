@@ -35,7 +35,7 @@ pub struct ZooKeeper {
 }
 
 impl ZooKeeper {
-    /// Starts ZooKeeper and waits until it answers `ruok` with `imok` (2-4 s).
+    /// Starts ZooKeeper and waits until it serves sessions (2-4 s).
     ///
     /// # Panics
     /// If Java or ZooKeeper is missing, or it does not come up within 60 s.
@@ -129,20 +129,23 @@ impl ZooKeeper {
             .stderr(log)
             .process_group(0);
         self.server.launch(cmd);
-        if let Err(failure) = wait_ready(&self.server, READY_TIMEOUT, || self.answers_ruok()) {
+        if let Err(failure) = wait_ready(&self.server, READY_TIMEOUT, || self.serves_sessions()) {
             self.fail(&failure);
         }
     }
 
-    fn answers_ruok(&self) -> bool {
+    /// `srvr` names the server's mode only once it serves sessions; `ruok` answers
+    /// `imok` earlier, and a ClickHouse 18.16 whose first ZooKeeper handshake is refused
+    /// then crashes (NULL pointer in its DDL worker) on the first `ON CLUSTER` query.
+    fn serves_sessions(&self) -> bool {
         let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
         let mut reply = String::new();
-        stream.write_all(b"ruok").is_ok()
+        stream.write_all(b"srvr").is_ok()
             && stream.read_to_string(&mut reply).is_ok()
-            && reply == "imok"
+            && reply.contains("Mode: ")
     }
 
     fn fail(&self, failure: &BootFailure) -> ! {
