@@ -25,7 +25,9 @@ use std::{
 };
 
 use click_consumer::{ClickEvent, ClickPublisher, Config};
-use click_consumer_testkit::{ClickHouse, ClickHouseCluster, RabbitMq, unique_name};
+use click_consumer_testkit::{
+    ClickHouse, ClickHouseCluster, RabbitMq, RabbitMqCluster, unique_name,
+};
 use support::{Service, Stack, free_port, http_get, wait_until};
 
 /// Events per second of the steady stream.
@@ -152,17 +154,26 @@ struct Replicas {
 
 impl Replicas {
     fn start(stack: &Stack<'_>, env: &[(&str, &str)]) -> Replicas {
+        Replicas::spawn(&stack.queue, env, |all| stack.spawn(all))
+    }
+
+    /// Starts the replicas one after the other through `spawn` (the first creates the
+    /// table, the others find it), each with its own metrics port and consumer tag.
+    fn spawn(
+        queue: &str,
+        env: &[(&str, &str)],
+        spawn: impl Fn(&[(&str, &str)]) -> Service,
+    ) -> Replicas {
         let mut services = Vec::new();
         for i in 0..REPLICAS {
             let port = free_port();
             let metrics = format!("127.0.0.1:{port}");
-            let tag = format!("{}-replica{i}", stack.queue);
+            let tag = format!("{queue}-replica{i}");
             let mut all: Vec<(&str, &str)> = env.to_vec();
             all.push(("METRICS_ADDR", &metrics));
             all.push(("CONSUMER_TAG", &tag));
             all.push(("LOG_LEVEL", "warn"));
-            services.push((stack.spawn(&all), port));
-            // The first one creates the table (ON CLUSTER); the others find it.
+            services.push((spawn(&all), port));
             wait_until("a replica ready", Duration::from_secs(60), || ready(port));
         }
         Replicas { services }
@@ -323,10 +334,114 @@ fn clickhouse_scenario(
     outcome
 }
 
+/// The binary with `env` only (no Stack: the broker is a cluster).
+fn spawn_binary(env: &[(&str, &str)]) -> Service {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_click-consumer"));
+    command
+        .env_clear()
+        .env("CLICKHOUSE_USER", "default")
+        .env("BATCH_SIZE", "500")
+        .env("BATCH_TIMEOUT_MS", "200")
+        .env("RETRY_INITIAL_BACKOFF_MS", "100")
+        .env("RETRY_MAX_BACKOFF_MS", "1000")
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    Service(command.spawn().expect("the click-consumer binary starts"))
+}
+
+/// Distinct clicks `0..confirmed` of `tag` stored in `table`.
+fn stored_of(clickhouse: &ClickHouse, table: &str, tag: &str, confirmed: u64) -> (u64, u64) {
+    let out = clickhouse.query(&format!(
+        "SELECT uniqExactIf(short_code, short_code < '{tag}{confirmed:07}'), count() FROM {table}"
+    ));
+    let mut f = out
+        .split_whitespace()
+        .map(|v| v.parse::<u64>().unwrap_or(0));
+    (f.next().unwrap_or(0), f.next().unwrap_or(0))
+}
+
+fn rabbitmq_leader_killed(clickhouse: &ClickHouse) -> Outcome {
+    let cluster = RabbitMqCluster::start(3);
+    let exchange = unique_name("rq_ex");
+    let queue = unique_name("rq_q");
+    let database = unique_name("rq_db");
+    let table = format!("{database}.click_events");
+    // A heartbeat of 2 s: a node that vanishes without closing its sockets is noticed
+    // within about 4 s.
+    let urls = cluster.amqp_urls("heartbeat=2");
+    let ch_url = clickhouse.url();
+    let env = [
+        ("RABBITMQ_URL", urls.as_str()),
+        ("RABBITMQ_EXCHANGE", exchange.as_str()),
+        ("RABBITMQ_QUEUE", queue.as_str()),
+        ("RABBITMQ_QUEUE_TYPE", "quorum"),
+        ("CLICKHOUSE_URL", ch_url.as_str()),
+        ("CLICKHOUSE_DATABASE", database.as_str()),
+    ];
+    let replicas = Replicas::spawn(&queue, &env, spawn_binary);
+    let config = Config::default()
+        .with_rabbitmq_url(&urls)
+        .with_exchange(&exchange)
+        .with_queue(&queue)
+        .with_queue_type(click_consumer::QueueType::Quorum);
+    let tag = unique_name("rq");
+    let publisher = Steady::start(config, tag.clone());
+    let mut outcome = Outcome {
+        name: "RabbitMQ: 3-node cluster, quorum queue, leader node killed (SIGKILL)",
+        target_applies: true,
+        ..Outcome::default()
+    };
+    thread::sleep(Duration::from_secs(3));
+    let leader = cluster
+        .leader_of(&queue)
+        .expect("the quorum queue has a leader");
+    let fault = Instant::now();
+    let target = publisher.confirmed();
+    cluster.kill(leader);
+    wait_until(
+        "the stream to be stored again",
+        Duration::from_secs(120),
+        || stored_of(clickhouse, &table, &tag, target).0 >= target,
+    );
+    outcome.recoveries.push(fault.elapsed().as_secs_f64());
+    // Every replica consuming again (also the ones whose node was killed).
+    wait_until("every replica ready again", Duration::from_secs(60), || {
+        replicas.services.iter().all(|(_, port)| ready(*port))
+    });
+    outcome.recoveries.push(fault.elapsed().as_secs_f64());
+    let new_leader = cluster.leader_of(&queue);
+    thread::sleep(Duration::from_secs(3));
+    cluster.restart(leader);
+    thread::sleep(Duration::from_secs(3));
+    outcome.published = publisher.finish();
+    let published = outcome.published;
+    wait_until("everything stored", Duration::from_secs(90), || {
+        stored_of(clickhouse, &table, &tag, published).0 >= published
+    });
+    // Let redeliveries settle before counting what was stored twice.
+    thread::sleep(Duration::from_secs(2));
+    replicas.stop();
+    (outcome.distinct, outcome.rows) = stored_of(clickhouse, &table, &tag, published);
+    outcome.lost = published.saturating_sub(outcome.distinct);
+    let dead_letter_queue = format!("{queue}.dead-letter");
+    outcome.dead_letters = cluster
+        .queue_counts(&dead_letter_queue)
+        .map_or(0, |(ready, unacked)| ready + unacked);
+    outcome.note = format!(
+        "leader was node {leader}, then {new_leader:?}; recoveries: every click confirmed before the kill stored, then every replica ready again; rows stored twice include any click the publisher sent again after a lost confirm"
+    );
+    outcome
+}
+
 fn main() -> ExitCode {
     let started = Instant::now();
     let rabbitmq = RabbitMq::start();
+    let clickhouse = ClickHouse::start();
     let outcomes = vec![
+        rabbitmq_leader_killed(&clickhouse),
         clickhouse_scenario(
             &rabbitmq,
             "ClickHouse: replica 1 killed, back, replica 2 killed",

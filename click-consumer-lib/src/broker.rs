@@ -176,7 +176,9 @@ pub(crate) async fn declare_topology(channel: &Channel, config: &Config) -> Resu
         })?;
     let dead_letter = config.dead_letter_queue();
     if let Some(dlq) = &dead_letter {
-        declare_queue(channel, dlq, QueueType::Classic, FieldTable::default())
+        // Same type as the queue: a classic dead-letter queue lives on one node, and
+        // while that node is down, declaring it fails and no session can open.
+        declare_queue(channel, dlq, config.queue_type, FieldTable::default())
             .await
             .map_err(|e| {
                 declare_error(

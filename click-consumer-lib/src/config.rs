@@ -123,8 +123,8 @@ pub enum QueueType {
     #[default]
     Classic,
     /// A replicated quorum queue, for brokers in a cluster. Declared with
-    /// `x-queue-type: quorum`, a delivery limit, and the dead-letter queue as its
-    /// dead-letter target.
+    /// `x-queue-type: quorum`, a delivery limit, and the dead-letter queue (a quorum
+    /// queue too, so that it survives the loss of a node) as its dead-letter target.
     Quorum,
 }
 

@@ -237,10 +237,45 @@ impl ClickHouseCluster {
         for server in &servers {
             server.boot_or_panic();
         }
-        ClickHouseCluster {
+        let cluster = ClickHouseCluster {
             replicas: servers,
             zookeeper,
+        };
+        cluster.probe_distributed_ddl();
+        cluster
+    }
+
+    /// Runs a harmless `ON CLUSTER` statement until every replica takes part. A
+    /// ClickHouse 18.16 whose first ZooKeeper handshake failed crashes (NULL pointer in
+    /// its DDL worker) on the first distributed DDL it sees; seen here now and then on a
+    /// loaded machine. A replica that crashed is started again.
+    fn probe_distributed_ddl(&self) {
+        let sql = format!(
+            "CREATE DATABASE IF NOT EXISTS testkit_probe ON CLUSTER {}",
+            Self::NAME
+        );
+        for attempt in 1..=3 {
+            let answer = crate::http::request(
+                self.replicas[0].http_port(),
+                "POST",
+                "/",
+                &sql,
+                Duration::from_secs(20),
+            );
+            if matches!(&answer, Ok(r) if r.status == 200) {
+                return;
+            }
+            eprintln!(
+                "testkit: ClickHouse cluster: distributed DDL probe failed (attempt {attempt}): {}",
+                answer.map_or_else(|e| e.to_string(), |r| r.body)
+            );
+            for replica in &self.replicas {
+                if !replica.is_running() {
+                    replica.restart();
+                }
+            }
         }
+        panic!("the ClickHouse cluster does not run distributed DDL");
     }
 
     const NAME: &'static str = "testkit";

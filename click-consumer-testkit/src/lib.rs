@@ -10,6 +10,7 @@
 //! * [`shared`]: one of each per test process, started on first use, in parallel.
 //! * [`ClickHouseCluster`]: a [`ZooKeeper`] (Debian's `zookeeper`) and ClickHouse
 //!   replicas of one shard, for `ON CLUSTER` DDL and Replicated tables.
+//! * [`RabbitMqCluster`]: RabbitMQ nodes clustered on loopback (quorum queues).
 //!
 //! The servers die with the test process however it ends (normal exit, panic,
 //! SIGKILL): they are spawned with `PR_SET_PDEATHSIG`, from a thread that lives as long
@@ -36,6 +37,7 @@ mod janitor;
 mod ports;
 mod process;
 mod rabbitmq;
+mod rabbitmq_cluster;
 mod rabbitmq_home;
 mod tls;
 
@@ -47,6 +49,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use clickhouse::ClickHouse;
 pub use cluster::{ClickHouseCluster, ZooKeeper};
 pub use rabbitmq::RabbitMq;
+pub use rabbitmq_cluster::RabbitMqCluster;
 
 /// One RabbitMQ broker and one ClickHouse server, as handed out by [`shared`].
 #[derive(Debug)]
