@@ -4,10 +4,14 @@
 //! seconds from each fault until everything published before it is stored.
 //!
 //! Scenarios that ran here (see the README's Scaling section for the figures):
+//! - a 3-node RabbitMQ 3.10 cluster with a quorum queue: the node holding the queue's
+//!   leader is killed (SIGKILL) mid-stream, then started again;
 //! - two ClickHouse 18.16 replicas with ZooKeeper: the first replica is killed (SIGKILL)
 //!   mid-stream, brought back, then the second is killed;
 //! - the same cluster with ZooKeeper stopped for 20 s (the tables go read-only); the
 //!   recovery counts from ZooKeeper's return.
+//!
+//! Not yet: a RabbitMQ node partitioned for 30 s, a rolling restart of the three nodes.
 //!
 //! It prints a Markdown table and a closing `cluster: N passed, N failed` line (no libtest
 //! harness, so the table shows in CI logs).
