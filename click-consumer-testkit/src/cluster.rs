@@ -254,7 +254,7 @@ impl ClickHouseCluster {
             "CREATE DATABASE IF NOT EXISTS testkit_probe ON CLUSTER {}",
             Self::NAME
         );
-        for attempt in 1..=3 {
+        for attempt in 1..=4 {
             let answer = crate::http::request(
                 self.replicas[0].http_port(),
                 "POST",
@@ -269,8 +269,19 @@ impl ClickHouseCluster {
                 "testkit: ClickHouse cluster: distributed DDL probe failed (attempt {attempt}): {}",
                 answer.map_or_else(|e| e.to_string(), |r| r.body)
             );
+            // A crashing server takes a moment to write its stack trace and exit.
+            std::thread::sleep(Duration::from_secs(3));
             for replica in &self.replicas {
-                if !replica.is_running() {
+                let answers = crate::http::request(
+                    replica.http_port(),
+                    "GET",
+                    "/ping",
+                    "",
+                    Duration::from_secs(2),
+                )
+                .is_ok_and(|r| r.status == 200);
+                if !answers || !replica.is_running() {
+                    eprintln!("testkit: ClickHouse cluster: restarting {}", replica.url());
                     replica.restart();
                 }
             }
