@@ -13,6 +13,7 @@ use lapin::{
 };
 
 use crate::config::{Config, ExchangeType, QueueType};
+use crate::endpoints::{self, Endpoints};
 use crate::error::{Error, Result};
 use crate::secret::{Scrubber, shown_url};
 
@@ -60,19 +61,67 @@ pub(crate) fn parse_url(url: &str) -> Result<AMQPUri> {
     Ok(uri)
 }
 
-/// Opens a connection, giving up after `timeout` (a black-holed host would otherwise hang
-/// for the TCP timeout).
+/// The nodes of `RABBITMQ_URL`: one AMQP URL, or several separated by commas (the nodes
+/// of a cluster), each following the rules of [`parse_url`].
+///
+/// # Errors
+/// [`Error::InvalidSetting`] naming `RABBITMQ_URL`, never showing a password.
+pub(crate) fn nodes(list: &str) -> Result<Endpoints<AMQPUri>> {
+    let entries = endpoints::split(list);
+    if entries.is_empty() {
+        return Err(Error::setting(
+            "RABBITMQ_URL",
+            "expected amqp://user:password@host:port/vhost, or several separated by commas",
+        ));
+    }
+    let nodes = entries
+        .into_iter()
+        .map(|url| Ok((endpoints::node_name(url), parse_url(url)?)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Endpoints::new("RabbitMQ", nodes))
+}
+
+/// Opens a connection to the node in use, or else to the next ones in turn, giving up on
+/// each after `timeout` (a black-holed host would otherwise hang for the TCP timeout).
+/// The node that answers becomes the node in use. Errors that no other node would change
+/// (credentials, vhost) end the round at once.
 ///
 /// `purpose` goes into the connection's name (`<consumer tag> (<purpose>)`), as shown in
 /// the management UI: the consumer opens one connection to consume and one to publish
 /// dead letters.
 pub(crate) async fn connect(
+    nodes: &Endpoints<AMQPUri>,
     config: &Config,
     timeout: Duration,
     purpose: &str,
 ) -> Result<Connection, lapin::Error> {
-    let uri = parse_url(&config.rabbitmq_url)
-        .map_err(|e| lapin::Error::from(std::io::Error::other(e.to_string())))?;
+    let start = nodes.current();
+    let mut last = None;
+    for index in start..start + nodes.len() {
+        let (name, uri) = nodes.get(index);
+        match connect_one(uri.clone(), config, timeout, purpose).await {
+            Ok(connection) => {
+                nodes.settle_on(index % nodes.len());
+                return Ok(connection);
+            }
+            Err(e) if !is_retryable(&e) => return Err(e),
+            Err(e) => {
+                if nodes.len() > 1 {
+                    log::warn!("cannot connect to RabbitMQ node {name}: {e}");
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("at least one node was tried"))
+}
+
+async fn connect_one(
+    uri: AMQPUri,
+    config: &Config,
+    timeout: Duration,
+    purpose: &str,
+) -> Result<Connection, lapin::Error> {
     let name = format!("{} ({purpose})", config.consumer_tag());
     let properties = ConnectionProperties::default().with_connection_name(LongString::from(name));
     let tls = OwnedTLSConfig {
@@ -149,7 +198,9 @@ pub(crate) async fn declare_topology(channel: &Channel, config: &Config) -> Resu
         })?;
     let dead_letter = config.dead_letter_queue();
     if let Some(dlq) = &dead_letter {
-        declare_queue(channel, dlq, QueueType::Classic, FieldTable::default())
+        // Same type as the queue: a classic dead-letter queue lives on one node, and
+        // while that node is down, declaring it fails and no session can open.
+        declare_queue(channel, dlq, config.queue_type, FieldTable::default())
             .await
             .map_err(|e| {
                 declare_error(
@@ -299,6 +350,23 @@ mod tests {
             "amqp://u:pw-secret@host/?heartbeat=pw-secret",
         ] {
             let err = parse_url(url).expect_err(url).to_string();
+            assert!(err.starts_with("invalid setting RABBITMQ_URL"), "{err}");
+            assert!(!err.contains("pw-secret"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_list_names_its_nodes() {
+        let list = nodes("amqp://u:pw-secret@r1:5672/, amqp://u:pw-secret@r2:5673/prod").unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list.get(0).0, "r1:5672");
+        assert_eq!(list.get(1).1.vhost, "prod");
+        for bad in [
+            "amqp://u:pw-secret@r1/,http://u:pw-secret@r2/",
+            "amqp://u:pw-secret@r1/,amqp://u:pw-secret@r2:port/",
+            " , ",
+        ] {
+            let err = nodes(bad).expect_err(bad).to_string();
             assert!(err.starts_with("invalid setting RABBITMQ_URL"), "{err}");
             assert!(!err.contains("pw-secret"), "{err}");
         }

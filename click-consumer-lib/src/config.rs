@@ -5,8 +5,9 @@
 
 use std::{fmt, path::PathBuf, str::FromStr, time::Duration};
 
+use crate::endpoints::redact_list;
 use crate::error::{Error, Result};
-use crate::secret::{Secret, redact_url};
+use crate::secret::Secret;
 
 /// Default values, public so that a command line can show them in its help.
 pub mod defaults {
@@ -122,8 +123,8 @@ pub enum QueueType {
     #[default]
     Classic,
     /// A replicated quorum queue, for brokers in a cluster. Declared with
-    /// `x-queue-type: quorum`, a delivery limit, and the dead-letter queue as its
-    /// dead-letter target.
+    /// `x-queue-type: quorum`, a delivery limit, and the dead-letter queue (a quorum
+    /// queue too, so that it survives the loss of a node) as its dead-letter target.
     Quorum,
 }
 
@@ -227,7 +228,7 @@ impl Default for Config {
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Config")
-            .field("rabbitmq_url", &redact_url(&self.rabbitmq_url))
+            .field("rabbitmq_url", &redact_list(&self.rabbitmq_url))
             .field("rabbitmq_ca_file", &self.rabbitmq_ca_file)
             .field("exchange", &self.exchange)
             .field("exchange_type", &self.exchange_type)
@@ -235,7 +236,7 @@ impl fmt::Debug for Config {
             .field("queue_type", &self.queue_type)
             .field("routing_key", &self.routing_key())
             .field("dead_letter_queue", &self.dead_letter_queue())
-            .field("clickhouse_url", &redact_url(&self.clickhouse_url()))
+            .field("clickhouse_url", &redact_list(&self.clickhouse_url()))
             .field("clickhouse_ca_file", &self.clickhouse_ca_file)
             .field("clickhouse_database", &self.clickhouse_database)
             .field("clickhouse_table", &self.clickhouse_table)
@@ -280,7 +281,9 @@ macro_rules! builder {
 impl Config {
     builder!(
         /// `RABBITMQ_URL`, e.g. `amqp://user:pass@host:5672/vhost` or `amqps://…`. An empty
-        /// path (`…:5672/`) means the vhost `/`, as in the Python clients.
+        /// path (`…:5672/`) means the vhost `/`, as in the Python clients. The nodes of a
+        /// cluster: several URLs separated by commas; each process starts at a random one
+        /// and moves to the next when its connection is lost or refused.
         with_rabbitmq_url, rabbitmq_url: into String);
     builder!(
         /// `RABBITMQ_EXCHANGE`: the exchange the shortener publishes clicks to.
@@ -413,7 +416,9 @@ impl Config {
     }
 
     /// `CLICKHOUSE_URL`: a full URL (`http://host:8123` or `https://host:8443`) that takes
-    /// precedence over `CLICKHOUSE_HOST` and `CLICKHOUSE_PORT`.
+    /// precedence over `CLICKHOUSE_HOST` and `CLICKHOUSE_PORT`. The replicas of a table:
+    /// several URLs separated by commas; each process starts at a random one, and an INSERT
+    /// that fails on one (connection error, timeout, read-only replica) is sent to the next.
     pub fn with_clickhouse_url(mut self, url: impl Into<String>) -> Self {
         self.clickhouse_url = Some(url.into());
         self
@@ -467,9 +472,9 @@ impl Config {
             .unwrap_or_else(default_consumer_tag)
     }
 
-    /// The RabbitMQ URL with its password replaced by `***`, for logs.
+    /// The RabbitMQ URL (or list of URLs) with its passwords replaced by `***`, for logs.
     pub fn rabbitmq_url_redacted(&self) -> String {
-        redact_url(&self.rabbitmq_url)
+        redact_list(&self.rabbitmq_url)
     }
 
     /// Checks every setting at once.
@@ -477,7 +482,7 @@ impl Config {
     /// # Errors
     /// [`Error::InvalidSetting`] naming the first refused setting.
     pub fn validate(&self) -> Result<()> {
-        crate::broker::parse_url(&self.rabbitmq_url)?;
+        crate::broker::nodes(&self.rabbitmq_url)?;
         self.rabbitmq_ca_pem()?;
         self.clickhouse_ca_pem()?;
         non_empty("RABBITMQ_EXCHANGE", &self.exchange)?;
@@ -500,20 +505,26 @@ impl Config {
         }
         table_engine(&self.clickhouse_table_engine)?;
         non_empty("CLICKHOUSE_USER", &self.clickhouse_user)?;
-        let url = self.clickhouse_url();
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            let setting = if self.clickhouse_url.is_some() {
-                "CLICKHOUSE_URL"
-            } else {
-                "CLICKHOUSE_HOST"
-            };
-            return Err(Error::setting(
-                setting,
-                match crate::secret::shown_url(&url) {
-                    Some(shown) => format!("expected an http:// or https:// URL, got `{shown}`"),
-                    None => "expected an http:// or https:// URL".to_owned(),
-                },
-            ));
+        let setting = if self.clickhouse_url.is_some() {
+            "CLICKHOUSE_URL"
+        } else {
+            "CLICKHOUSE_HOST"
+        };
+        let urls = self.clickhouse_url();
+        let urls = crate::endpoints::split(&urls);
+        if urls.is_empty() {
+            return Err(Error::setting(setting, "must hold at least one URL"));
+        }
+        for url in urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(Error::setting(
+                    setting,
+                    format!(
+                        "expected an http:// or https:// URL, got `{}`",
+                        redact_list(url)
+                    ),
+                ));
+            }
         }
         non_empty("CLICKHOUSE_HOST", &self.clickhouse_host)?;
         if self.clickhouse_port == 0 {
@@ -990,6 +1001,44 @@ mod tests {
             assert!(!debug.contains(secret), "{secret} leaked in {debug}");
         }
         assert!(debug.contains("amqp://app:***@broker:5672/"), "{debug}");
+    }
+
+    #[test]
+    fn lists_of_urls_are_checked_entry_by_entry() {
+        let c = from(&[
+            (
+                "RABBITMQ_URL",
+                "amqp://u:list-secret@r1:5672/,amqp://u:list-secret@r2:5672/",
+            ),
+            (
+                "CLICKHOUSE_URL",
+                "http://ch1:8123, https://u:ch-secret@ch2:8443",
+            ),
+        ])
+        .expect("valid lists");
+        let debug = format!("{c:?}");
+        assert!(
+            !debug.contains("list-secret") && !debug.contains("ch-secret"),
+            "{debug}"
+        );
+        assert_eq!(
+            c.rabbitmq_url_redacted(),
+            "amqp://u:***@r1:5672/,amqp://u:***@r2:5672/"
+        );
+        for (setting, bad) in [
+            (
+                "RABBITMQ_URL",
+                "amqp://u:list-secret@r1/,amqp://u:list-secret@r2:x/",
+            ),
+            ("RABBITMQ_URL", ","),
+            ("CLICKHOUSE_URL", "http://ch1:8123,ftp://u:list-secret@ch2"),
+            ("CLICKHOUSE_URL", " , "),
+        ] {
+            let err = from(&[(setting, bad)]).expect_err(bad);
+            let text = format!("{err} {err:?}");
+            assert!(text.contains(setting), "{text}");
+            assert!(!text.contains("list-secret"), "{text}");
+        }
     }
 
     #[test]

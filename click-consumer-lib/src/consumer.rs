@@ -75,11 +75,17 @@ impl Consumer {
             (None, 0) => config.consumer_tag(),
             (None, n) => format!("{}-{}", config.consumer_tag(), n + 1),
         };
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::new(&config)?;
+        store.report_to(&metrics.nodes_in_use);
+        let brokers = Arc::new(crate::broker::nodes(&config.rabbitmq_url)?);
+        brokers.report_to(&metrics.nodes_in_use);
         Ok(Consumer {
             shared: Shared {
-                store: Store::new(&config)?,
+                store,
+                brokers,
                 config: Arc::new(config),
-                metrics: Arc::new(Metrics::new()),
+                metrics,
                 consumer_tag,
                 on_commit: None,
                 columns: Arc::default(),
@@ -193,15 +199,17 @@ impl Consumer {
                 Some("lost") => {
                     metrics.reconnects.inc();
                     log::info!(
-                        "reconnected to RabbitMQ; consuming from `{}` again",
+                        "reconnected to RabbitMQ node {}; consuming from `{}` again",
+                        self.shared.brokers.in_use().1,
                         config.queue
                     );
                 }
                 Some(_) => log::info!("consuming from `{}` again", config.queue),
                 None => {
                     log::info!(
-                        "consuming from `{}` as `{}` (prefetch {}, batches of {} rows or {:?})",
+                        "consuming from `{}` on RabbitMQ node {} as `{}` (prefetch {}, batches of {} rows or {:?})",
                         config.queue,
+                        self.shared.brokers.in_use().1,
                         self.shared.consumer_tag,
                         config.prefetch(),
                         config.batch_size,
@@ -222,6 +230,8 @@ impl Consumer {
                 End::Fatal(e) => return Err(e),
                 End::BrokerLost(reason) => {
                     log::warn!("lost the RabbitMQ session: {reason}; reconnecting");
+                    let (lost, _, _) = self.shared.brokers.in_use();
+                    self.shared.brokers.advance(lost, &"connection lost");
                     "lost"
                 }
                 End::Redeclare => {
@@ -268,7 +278,7 @@ impl Consumer {
                 "rejected (DEAD_LETTER_ENABLED=false)".to_owned(),
                 |q| format!("`{q}`")
             ),
-            crate::secret::redact_url(&c.clickhouse_url()),
+            crate::endpoints::redact_list(&c.clickhouse_url()),
             self.shared.store.qualified_table(),
             c.clickhouse_user,
         );
@@ -284,9 +294,29 @@ impl Consumer {
         loop {
             match store.version().await {
                 Ok(version) => {
+                    if let Err(e) = store.ensure_schema().await {
+                        // A replica lost between the two calls: retry in the window.
+                        match e {
+                            Error::ClickHouse { source, .. }
+                                if severity(&source) == Severity::Transient
+                                    && started.elapsed() < config.startup_timeout =>
+                            {
+                                let delay = backoff.next_delay();
+                                log::warn!(
+                                    "cannot prepare the table: {source}; retrying in {delay:?}"
+                                );
+                                if !sleep_or_stop(delay, stop).await {
+                                    return Ok(false);
+                                }
+                                continue;
+                            }
+                            other => return Err(other),
+                        }
+                    }
                     log::info!(
-                        "connected to ClickHouse {version} at {}",
-                        crate::secret::redact_url(store.url())
+                        "connected to ClickHouse {version} at {} (replica in use: {})",
+                        crate::endpoints::redact_list(store.url()),
+                        store.replica_in_use()
                     );
                     break;
                 }
@@ -294,7 +324,7 @@ impl Consumer {
                     let fatal = severity(&e) == Severity::Fatal;
                     if fatal || started.elapsed() >= config.startup_timeout {
                         return Err(Error::ClickHouseUnreachable {
-                            url: crate::secret::redact_url(store.url()),
+                            url: crate::endpoints::redact_list(store.url()),
                             waited: started.elapsed(),
                             source: e,
                         });
@@ -307,7 +337,6 @@ impl Consumer {
                 }
             }
         }
-        store.ensure_schema().await?;
         self.shared.columns.refresh(store).await?;
         self.shared.metrics.set_clickhouse_up(true);
         log::info!("table {} is ready", store.qualified_table());

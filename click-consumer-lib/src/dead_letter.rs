@@ -37,6 +37,10 @@ use tokio_util::sync::CancellationToken;
 use crate::ack::{Acker, Settle};
 use crate::backoff::Backoff;
 use crate::config::Config;
+use crate::endpoints::Endpoints;
+
+/// The RabbitMQ nodes of `RABBITMQ_URL`.
+type Brokers = Endpoints<lapin::uri::AMQPUri>;
 use crate::event::{InvalidKind, InvalidMessage};
 use crate::metrics::Metrics;
 
@@ -132,6 +136,7 @@ impl DeadLetters {
     /// The dead-letter connection could not be opened.
     pub(crate) async fn start(
         config: &Arc<Config>,
+        brokers: Arc<Brokers>,
         acker: Acker,
         metrics: Arc<Metrics>,
         consumer_tag: String,
@@ -147,11 +152,12 @@ impl DeadLetters {
         let outbox = match config.dead_letter_queue() {
             None => None,
             Some(queue) => {
-                let channel = open_channel(config, &metrics).await?;
+                let channel = open_channel(config, &brokers, &metrics).await?;
                 let (sender, receiver) = mpsc::unbounded_channel();
                 let outbox = Outbox {
                     config: config.clone(),
                     queue,
+                    brokers,
                     receiver,
                     channel: Some(channel),
                     acker: acker.clone(),
@@ -339,8 +345,13 @@ fn copy_properties(
 
 /// Opens the dead-letter connection and its confirm-mode channel, and reports the
 /// connection's blocked / unblocked notifications.
-async fn open_channel(config: &Config, metrics: &Arc<Metrics>) -> Result<Channel, lapin::Error> {
-    let connection = crate::broker::connect(config, CONNECT_TIMEOUT, "dead-letters").await?;
+async fn open_channel(
+    config: &Config,
+    brokers: &Brokers,
+    metrics: &Arc<Metrics>,
+) -> Result<Channel, lapin::Error> {
+    let connection =
+        crate::broker::connect(brokers, config, CONNECT_TIMEOUT, "dead-letters").await?;
     watch_blocked(&connection, metrics.clone());
     let channel = connection.create_channel().await?;
     channel
@@ -376,6 +387,8 @@ fn watch_blocked(connection: &Connection, metrics: Arc<Metrics>) {
 struct Outbox {
     config: Arc<Config>,
     queue: String,
+    /// The broker's nodes, shared with the consuming session (the same node is used).
+    brokers: Arc<Brokers>,
     receiver: mpsc::UnboundedReceiver<Copy>,
     channel: Option<Channel>,
     acker: Acker,
@@ -433,7 +446,7 @@ impl Outbox {
             return Ok(channel.clone());
         }
         self.channel = None;
-        let channel = open_channel(&self.config, &self.metrics).await?;
+        let channel = open_channel(&self.config, &self.brokers, &self.metrics).await?;
         self.channel = Some(channel.clone());
         Ok(channel)
     }

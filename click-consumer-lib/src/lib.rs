@@ -57,6 +57,7 @@ pub mod config;
 mod consumer;
 mod dead_letter;
 mod encode;
+mod endpoints;
 mod error;
 mod event;
 mod exposition;

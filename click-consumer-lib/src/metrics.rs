@@ -66,6 +66,7 @@ pub struct Metrics {
     pub(crate) unacked: Gauge,
     pub(crate) queue_depth: Gauge,
     pub(crate) last_insert: Gauge<f64, AtomicU64>,
+    pub(crate) nodes_in_use: crate::endpoints::NodeGauge,
     broker_up: AtomicBool,
     broker_blocked: AtomicBool,
     clickhouse_up: AtomicBool,
@@ -107,6 +108,7 @@ impl Metrics {
             unacked: Gauge::default(),
             queue_depth: Gauge::default(),
             last_insert: Gauge::default(),
+            nodes_in_use: Default::default(),
             broker_up: AtomicBool::new(false),
             broker_blocked: AtomicBool::new(false),
             clickhouse_up: AtomicBool::new(false),
@@ -209,6 +211,11 @@ impl Metrics {
             self.broker_state.clone(),
         );
         r.register("batch_rows", "Rows per INSERT", self.batch_rows.clone());
+        r.register(
+            "node_in_use",
+            "1 for the RabbitMQ node and the ClickHouse replica in use, 0 for the other listed ones",
+            self.nodes_in_use.clone(),
+        );
         r.register(
             "insert_duration_seconds",
             "Duration of successful INSERTs",

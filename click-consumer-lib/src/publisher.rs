@@ -61,13 +61,18 @@ impl ClickPublisher {
     /// exists with other properties.
     pub async fn connect(config: &Config) -> Result<Self> {
         config.validate()?;
-        let connection = broker::connect(config, CONNECT_TIMEOUT, "publish")
-            .await
-            .map_err(|source| Error::BrokerUnreachable {
-                url: config.rabbitmq_url_redacted(),
-                waited: CONNECT_TIMEOUT,
-                source,
-            })?;
+        let connection = broker::connect(
+            &broker::nodes(&config.rabbitmq_url)?,
+            config,
+            CONNECT_TIMEOUT,
+            "publish",
+        )
+        .await
+        .map_err(|source| Error::BrokerUnreachable {
+            url: config.rabbitmq_url_redacted(),
+            waited: CONNECT_TIMEOUT,
+            source,
+        })?;
         let channel = connection
             .create_channel()
             .await

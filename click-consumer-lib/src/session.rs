@@ -64,6 +64,7 @@ impl From<lapin::Error> for OpenError {
 pub(crate) struct Shared {
     pub(crate) config: Arc<Config>,
     pub(crate) store: Store,
+    pub(crate) brokers: Arc<crate::endpoints::Endpoints<lapin::uri::AMQPUri>>,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) consumer_tag: String,
     pub(crate) on_commit: Option<crate::commit::CommitHook>,
@@ -108,7 +109,8 @@ impl Session {
         connect_timeout: Duration,
     ) -> Result<Session, OpenError> {
         let config = &shared.config;
-        let connection = broker::connect(config, connect_timeout, "consume").await?;
+        let connection =
+            broker::connect(&shared.brokers, config, connect_timeout, "consume").await?;
         let consume = connection.create_channel().await?;
         broker::declare_topology(&consume, config)
             .await
@@ -124,6 +126,7 @@ impl Session {
         let acker = Acker::new(consume.clone(), shared.metrics.clone());
         let dead_letters = DeadLetters::start(
             config,
+            shared.brokers.clone(),
             acker.clone(),
             shared.metrics.clone(),
             shared.consumer_tag.clone(),

@@ -1,4 +1,7 @@
 //! ClickHouse: the schema at start-up, and INSERTs of pre-encoded RowBinary batches.
+//!
+//! With several replicas in `CLICKHOUSE_URL`, statements go to the replica in use, and an
+//! INSERT that fails transiently there is sent at once to the next (see `endpoints`).
 
 use std::{
     hash::{BuildHasher, Hasher},
@@ -14,6 +17,7 @@ use clickhouse::{Client, Row, error::Error as ChError};
 use serde::Deserialize;
 
 use crate::config::Config;
+use crate::endpoints::{self, Endpoints, NodeGauge};
 use crate::error::{Error, Result};
 use crate::event::COLUMNS;
 
@@ -40,7 +44,7 @@ pub(crate) enum InsertFailure {
 /// A cheap-to-clone handle on the ClickHouse table.
 #[derive(Clone)]
 pub(crate) struct Store {
-    client: Client,
+    replicas: Arc<Endpoints<Client>>,
     url: String,
     database: String,
     table: String,
@@ -63,7 +67,7 @@ struct Dedup {
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
-            .field("url", &crate::secret::redact_url(&self.url))
+            .field("url", &endpoints::redact_list(&self.url))
             .field("table", &self.qualified_table())
             .finish_non_exhaustive()
     }
@@ -80,17 +84,25 @@ impl Store {
     /// [`Error::InvalidSetting`] if `CLICKHOUSE_CA_FILE` holds no usable certificate.
     pub(crate) fn new(config: &Config) -> Result<Self> {
         let url = config.clickhouse_url();
-        let client = match config.clickhouse_ca_pem()? {
+        let base = match config.clickhouse_ca_pem()? {
             Some(pem) => crate::tls::client_trusting(&pem)?,
             None => Client::default(),
         };
         // Schema validation runs `DESCRIBE` with a setting ClickHouse 18.16 refuses; we
         // check the table ourselves at start-up instead (see `check_table`).
-        let client = client
-            .with_url(&url)
+        let base = base
             .with_user(&config.clickhouse_user)
             .with_password(config.clickhouse_password.expose())
             .with_validation(false);
+        let replicas = endpoints::split(&url)
+            .into_iter()
+            .map(|replica| {
+                (
+                    endpoints::node_name(replica),
+                    base.clone().with_url(replica),
+                )
+            })
+            .collect();
         let database = config.clickhouse_database.clone();
         let table = config.clickhouse_table.clone();
         let on_cluster = config
@@ -98,7 +110,7 @@ impl Store {
             .as_ref()
             .map_or_else(String::new, |cluster| format!("ON CLUSTER {cluster}"));
         Ok(Store {
-            client,
+            replicas: Arc::new(Endpoints::new("ClickHouse", replicas)),
             url,
             database,
             table,
@@ -110,6 +122,41 @@ impl Store {
 
     pub(crate) fn url(&self) -> &str {
         &self.url
+    }
+
+    /// Exports the replica in use through `click_consumer_node_in_use`.
+    pub(crate) fn report_to(&self, gauge: &NodeGauge) {
+        self.replicas.report_to(gauge);
+    }
+
+    /// `host:port` of the replica in use.
+    pub(crate) fn replica_in_use(&self) -> &str {
+        self.replicas.in_use().1
+    }
+
+    /// The client of the replica in use.
+    pub(crate) fn client(&self) -> &Client {
+        self.replicas.in_use().2
+    }
+
+    /// Runs `op` on the replica in use, then on the next ones while it fails transiently;
+    /// the replica that answers stays in use. Returns the last error.
+    async fn on_some_replica<T, F, Fut>(&self, op: F) -> Result<T, ChError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ChError>>,
+    {
+        let mut index = self.replicas.current();
+        let mut tries = 1;
+        loop {
+            match op(self.replicas.get(index).1.clone()).await {
+                Err(e) if tries < self.replicas.len() && severity(&e) == Severity::Transient => {
+                    index = self.replicas.advance(index, &e);
+                    tries += 1;
+                }
+                result => return result,
+            }
+        }
     }
 
     pub(crate) fn qualified_table(&self) -> String {
@@ -124,12 +171,19 @@ impl Store {
             "INSERT INTO {} (short_code) SELECT '' WHERE 0",
             self.qualified_table()
         );
-        timed(self.client.query(&sql).execute()).await
+        self.on_some_replica(|client| {
+            let sql = sql.clone();
+            async move { timed(client.query(&sql).execute()).await }
+        })
+        .await
     }
 
     /// The server's version, for the start-up log.
     pub(crate) async fn version(&self) -> Result<String, ChError> {
-        timed(self.client.query("SELECT version()").fetch_one::<String>()).await
+        self.on_some_replica(|client| async move {
+            timed(client.query("SELECT version()").fetch_one::<String>()).await
+        })
+        .await
     }
 
     /// Whether a retried INSERT of an identical block is dropped by ClickHouse when an
@@ -141,7 +195,7 @@ impl Store {
     /// Learns what the server and the table offer against duplicate retries.
     async fn learn_dedup(&self) -> Result<(), ChError> {
         let token = timed(
-            self.client
+            self.client()
                 .query(
                     "SELECT count() FROM system.settings WHERE name = 'insert_deduplication_token'",
                 )
@@ -149,7 +203,7 @@ impl Store {
         )
         .await?;
         let engine = timed(
-            self.client
+            self.client()
                 .query("SELECT engine FROM system.tables WHERE database = ? AND name = ?")
                 .bind(&self.database)
                 .bind(&self.table)
@@ -182,12 +236,17 @@ impl Store {
     /// [`Error::ClickHouse`] when a statement fails, [`Error::TableShape`] when the table
     /// lacks a column or has one of another type.
     pub(crate) async fn ensure_schema(&self) -> Result<()> {
+        // `ON CLUSTER` DDL waits for every host of the cluster: with the table already
+        // there, a replica that is down must not hold up start-up.
+        if !self.on_cluster.is_empty() && self.check_table().await.is_ok() {
+            return Ok(());
+        }
         let db = &self.database;
         let create_database = format!("CREATE DATABASE IF NOT EXISTS {db} {}", self.on_cluster);
-        timed(self.client.query(&create_database).execute())
+        timed(self.client().query(&create_database).execute())
             .await
             .map_err(|e| Error::clickhouse(format!("failed to create database `{db}`"), e))?;
-        timed(self.client.query(&self.table_ddl()).execute())
+        timed(self.client().query(&self.table_ddl()).execute())
             .await
             .map_err(|e| {
                 Error::clickhouse(
@@ -223,7 +282,7 @@ impl Store {
     /// [`Error::TableShape`] naming the first mismatch.
     pub(crate) async fn check_table(&self) -> Result<()> {
         let columns = timed(
-            self.client
+            self.client()
                 .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
                 .bind(&self.database)
                 .bind(&self.table)
@@ -262,10 +321,6 @@ impl Store {
     // --- Extra columns (`columns`): the layout is read through the client, and each
     // batch is inserted with its own column list.
 
-    pub(crate) fn client(&self) -> &Client {
-        &self.client
-    }
-
     pub(crate) fn database(&self) -> &str {
         &self.database
     }
@@ -275,23 +330,27 @@ impl Store {
     }
 
     /// Sends one INSERT of pre-encoded rows, `sql` naming the columns and the format
-    /// (`columns::Shape::insert_sql`). `Bytes` clones are free, so a retry re-sends the
-    /// identical block, which a Replicated* table drops if an earlier attempt was
-    /// committed after all; on servers that have it, `insert_deduplication_token` (a hash
-    /// of the block) names the block too.
+    /// (`columns::Shape::insert_sql`), to the next replica as well if the one in use fails
+    /// transiently. `Bytes` clones are free, so a retry re-sends the identical block, which
+    /// a Replicated* table drops if an earlier attempt was committed after all; on servers
+    /// that have it, `insert_deduplication_token` (a hash of the block) names the block too.
     pub(crate) async fn insert(&self, sql: String, rows: Bytes) -> Result<(), InsertFailure> {
-        let mut insert = self
-            .client
+        self.on_some_replica(|client| self.insert_into(client, sql.clone(), rows.clone()))
+            .await
+            .map_err(classify)
+    }
+
+    async fn insert_into(&self, client: Client, sql: String, rows: Bytes) -> Result<(), ChError> {
+        let mut insert = client
             .insert_formatted_with(sql)
             .with_timeouts(Some(INSERT_TIMEOUT), Some(INSERT_TIMEOUT));
         if self.dedup.token.load(Ordering::Relaxed) {
             insert = insert.with_setting("insert_deduplication_token", dedup_token(&rows));
         }
-        let result = match insert.send(rows).await {
+        match insert.send(rows).await {
             Ok(()) => insert.end().await,
             Err(e) => Err(e),
-        };
-        result.map_err(classify)
+        }
     }
 }
 

@@ -172,6 +172,27 @@ impl ClickHouse {
         response.body
     }
 
+    /// A server prepared but not started, for a cluster (`crate::cluster`) that adds
+    /// files to its `config.d/` (read by clickhouse-server beside `config.xml`) first;
+    /// start it with [`ClickHouse::boot_or_panic`].
+    pub(crate) fn unstarted() -> ClickHouse {
+        let binary = find_program("clickhouse-server")
+            .unwrap_or_else(|| panic!("clickhouse-server is not installed: {INSTALL_HINT}"));
+        ClickHouse::prepare(binary)
+    }
+
+    /// The native TCP port on 127.0.0.1 (what `remote_servers` of a cluster names).
+    pub(crate) fn tcp_port(&self) -> u16 {
+        self.tcp_port
+    }
+
+    /// Boots a server made by [`ClickHouse::unstarted`].
+    pub(crate) fn boot_or_panic(&self) {
+        if let Err(failure) = self.boot() {
+            self.fail("start", &failure);
+        }
+    }
+
     /// A new, not yet started server: fresh directory, ports and configuration.
     fn prepare(binary: PathBuf) -> ClickHouse {
         let dir = tempfile::Builder::new()

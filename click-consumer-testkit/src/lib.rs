@@ -12,6 +12,9 @@
 //!   back to 3.10.
 //! * [`ClickHouse`]: `clickhouse-server` (18.16 from Debian); ready in about 0.15 s.
 //! * [`shared`]: one of each per test process, started on first use, in parallel.
+//! * [`ClickHouseCluster`]: a [`ZooKeeper`] (Debian's `zookeeper`) and ClickHouse
+//!   replicas of one shard, for `ON CLUSTER` DDL and Replicated tables.
+//! * [`RabbitMqCluster`]: RabbitMQ nodes clustered on loopback (quorum queues).
 //!
 //! The servers die with the test process however it ends (normal exit, panic,
 //! SIGKILL): they are spawned with `PR_SET_PDEATHSIG`, from a thread that lives as long
@@ -32,12 +35,14 @@
 #![warn(missing_docs)]
 
 mod clickhouse;
+mod cluster;
 mod http;
 mod janitor;
 mod ports;
 mod process;
 mod rabbitmq;
 mod rabbitmq_chroot;
+mod rabbitmq_cluster;
 mod rabbitmq_home;
 mod tls;
 
@@ -47,7 +52,9 @@ use std::thread;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use clickhouse::ClickHouse;
+pub use cluster::{ClickHouseCluster, ZooKeeper};
 pub use rabbitmq::RabbitMq;
+pub use rabbitmq_cluster::RabbitMqCluster;
 
 /// One RabbitMQ broker and one ClickHouse server, as handed out by [`shared`].
 #[derive(Debug)]

@@ -192,24 +192,32 @@ async fn a_quorum_queue_is_declared_with_a_delivery_limit_and_dead_lettering() {
     wait_for_rows(&names, 1).await;
     running.stop().await.unwrap();
     let queue = names.queue.clone();
-    let listed = tokio::task::spawn_blocking(move || {
-        servers()
-            .rabbitmq
-            .ctl(&[
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "type",
-                "arguments",
-            ])
-            .lines()
-            .find(|line| line.starts_with(&format!("{queue}\t")))
-            .map(str::to_owned)
+    let dlq = names.dead_letter_queue();
+    let (listed, dead_letter_listed) = tokio::task::spawn_blocking(move || {
+        let all = servers().rabbitmq.ctl(&[
+            "list_queues",
+            "-q",
+            "--no-table-headers",
+            "name",
+            "type",
+            "arguments",
+        ]);
+        let line = |name: &str| {
+            all.lines()
+                .find(|line| line.starts_with(&format!("{name}\t")))
+                .map(str::to_owned)
+                .expect("the queue is listed")
+        };
+        (line(&queue), line(&dlq))
     })
     .await
-    .unwrap()
-    .expect("the queue is listed");
+    .unwrap();
+    // The dead-letter queue is replicated as well: a classic one would live on a
+    // single node, and its loss would keep every consumer from reconnecting.
+    assert!(
+        dead_letter_listed.contains("quorum"),
+        "{dead_letter_listed}"
+    );
     assert!(listed.contains("quorum"), "{listed}");
     assert!(listed.contains("x-delivery-limit"), "{listed}");
     assert!(

@@ -1,0 +1,376 @@
+//! A private RabbitMQ 3.10 cluster on loopback: `n` nodes (`rc<i>-<unique>@localhost`)
+//! sharing one private epmd and one Erlang cookie, formed at boot by classic-config peer
+//! discovery. Each node is its own process, so a test can SIGKILL one and start it again
+//! (it rejoins with its data).
+
+use std::fmt;
+use std::fs;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use tempfile::TempDir;
+
+use crate::janitor;
+use crate::ports::{free_ports, wait_bindable};
+use crate::process::{
+    INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied, wait_ready,
+};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(90);
+
+struct Node {
+    name: String,
+    amqp_port: u16,
+    dist_port: u16,
+    dir: PathBuf,
+    process: ServerProcess,
+}
+
+/// A RabbitMQ cluster of private nodes; every node is killed when this is dropped and
+/// when the test process ends.
+pub struct RabbitMqCluster {
+    dir: TempDir,
+    sbin: PathBuf,
+    epmd_port: u16,
+    epmd: ServerProcess,
+    nodes: Vec<Node>,
+}
+
+impl RabbitMqCluster {
+    /// Starts `n` nodes at once and waits until every one answers AMQP and the cluster
+    /// lists all of them as running (about 15-30 s on 2 cores).
+    ///
+    /// # Panics
+    /// If RabbitMQ is not installed or the cluster does not form within 90 s.
+    pub fn start(n: usize) -> RabbitMqCluster {
+        let sbin = installed_sbin();
+        let dir = tempfile::Builder::new()
+            .prefix("testkit-rabbitmq-cluster-")
+            .tempdir()
+            .unwrap_or_else(|err| panic!("cannot create a temp dir: {err}"));
+        janitor::remove_after_exit(dir.path());
+        let home = dir.path().join("home");
+        fs::create_dir_all(&home).expect("home");
+        let cookie = home.join(".erlang.cookie");
+        fs::write(&cookie, format!("TESTKIT{}", std::process::id())).expect("cookie");
+        fs::set_permissions(&cookie, fs::Permissions::from_mode(0o400)).expect("cookie mode");
+        let [epmd_port] = free_ports();
+        let tag = std::process::id();
+        let nodes: Vec<Node> = (0..n)
+            .map(|i| {
+                let [amqp_port, dist_port] = free_ports();
+                Node {
+                    name: format!("rc{i}-{tag}@localhost"),
+                    amqp_port,
+                    dist_port,
+                    dir: dir.path().join(format!("node{i}")),
+                    process: ServerProcess::new("rabbitmq cluster node"),
+                }
+            })
+            .collect();
+        let peers: String = nodes
+            .iter()
+            .enumerate()
+            .map(|(i, node)| {
+                format!(
+                    "cluster_formation.classic_config.nodes.{} = {}\n",
+                    i + 1,
+                    node.name
+                )
+            })
+            .collect();
+        for node in &nodes {
+            fs::create_dir_all(&node.dir).expect("node dir");
+            let conf = format!(
+                "listeners.tcp.1 = 127.0.0.1:{}\nlog.console = false\nloopback_users = none\n\
+                 cluster_formation.peer_discovery_backend = classic_config\n{peers}",
+                node.amqp_port
+            );
+            fs::write(node.dir.join("rabbitmq.conf"), conf).expect("rabbitmq.conf");
+            fs::write(node.dir.join("advanced.config"), "[].\n").expect("advanced.config");
+            fs::write(node.dir.join("rabbitmq-env.conf"), "").expect("env file");
+            fs::write(node.dir.join("enabled_plugins"), "[].\n").expect("plugins file");
+        }
+        let cluster = RabbitMqCluster {
+            dir,
+            sbin,
+            epmd_port,
+            epmd: ServerProcess::new("epmd"),
+            nodes,
+        };
+        cluster.start_epmd();
+        for index in 0..n {
+            cluster.launch(index);
+        }
+        for index in 0..n {
+            cluster.wait_node(index);
+        }
+        let all_running = crate::process::wait_for(READY_TIMEOUT, || {
+            let status = cluster.ctl(0, &["cluster_status", "--formatter", "json"]);
+            let running = status.split("\"running_nodes\"").nth(1).unwrap_or("");
+            let running = &running[..running.find(']').unwrap_or(0)];
+            cluster
+                .nodes
+                .iter()
+                .all(|node| running.contains(&node.name))
+        });
+        assert!(
+            all_running,
+            "the RabbitMQ cluster did not form within {READY_TIMEOUT:?}"
+        );
+        cluster
+    }
+
+    /// How many nodes.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether the cluster has no nodes.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The AMQP URLs of every node separated by commas (a `RABBITMQ_URL`), each with
+    /// `query` appended (e.g. `heartbeat=2`) if not empty.
+    pub fn amqp_urls(&self, query: &str) -> String {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", node.amqp_port);
+                if query.is_empty() {
+                    url
+                } else {
+                    format!("{url}?{query}")
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The AMQP port of node `index`.
+    pub fn port(&self, index: usize) -> u16 {
+        self.nodes[index].amqp_port
+    }
+
+    /// The Erlang node name of node `index`.
+    pub fn node_name(&self, index: usize) -> &str {
+        &self.nodes[index].name
+    }
+
+    /// Kills node `index` with SIGKILL.
+    pub fn kill(&self, index: usize) {
+        self.nodes[index].process.kill();
+    }
+
+    /// Stops node `index` cleanly (SIGTERM).
+    pub fn stop(&self, index: usize) {
+        self.nodes[index].process.stop(Duration::from_secs(30));
+    }
+
+    /// Starts node `index` again with its data; it rejoins the cluster.
+    ///
+    /// # Panics
+    /// If its ports are not released or it does not come up within 90 s.
+    pub fn restart(&self, index: usize) {
+        self.stop(index);
+        let node = &self.nodes[index];
+        assert!(
+            wait_bindable(&[node.amqp_port, node.dist_port], Duration::from_secs(15)),
+            "RabbitMQ node {} restart: ports still in use",
+            node.name
+        );
+        self.launch(index);
+        self.wait_node(index);
+    }
+
+    /// Whether node `index` runs.
+    pub fn is_running(&self, index: usize) -> bool {
+        self.nodes[index].process.is_running()
+    }
+
+    /// The index of the node that leads quorum queue `queue`, asked of a running node.
+    pub fn leader_of(&self, queue: &str) -> Option<usize> {
+        let asked = (0..self.len()).find(|i| self.is_running(*i))?;
+        let out = self.ctl(
+            asked,
+            &["list_queues", "-q", "--no-table-headers", "name", "leader"],
+        );
+        let leader = out
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 2 && f[0] == queue)?
+            .get(1)?
+            .to_string();
+        self.nodes.iter().position(|n| n.name == leader)
+    }
+
+    /// `(ready, unacknowledged)` of `queue`, asked of a running node.
+    pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
+        let asked = (0..self.len()).find(|i| self.is_running(*i))?;
+        let out = self.ctl(
+            asked,
+            &[
+                "list_queues",
+                "-q",
+                "--no-table-headers",
+                "name",
+                "messages_ready",
+                "messages_unacknowledged",
+            ],
+        );
+        out.lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() == 3 && f[0] == queue)
+            .map(|f| (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0)))
+    }
+
+    /// Runs `rabbitmqctl` against node `index`; returns stdout (empty on failure).
+    pub fn ctl(&self, index: usize, args: &[&str]) -> String {
+        let mut cmd = Command::new(self.sbin.join("rabbitmqctl"));
+        cmd.env_clear()
+            .env("PATH", search_path())
+            .env("LC_ALL", "C.UTF-8")
+            .env("HOME", self.dir.path().join("home"))
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
+            .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
+            .arg("-n")
+            .arg(&self.nodes[index].name)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        let child = spawn_tied(cmd).expect("rabbitmqctl starts");
+        let output = child.wait_with_output().expect("rabbitmqctl output");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    fn start_epmd(&self) {
+        let epmd =
+            find_program("epmd").unwrap_or_else(|| panic!("epmd is not installed: {INSTALL_HINT}"));
+        let mut cmd = Command::new(epmd);
+        cmd.args([
+            "-port",
+            &self.epmd_port.to_string(),
+            "-address",
+            "127.0.0.1",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0);
+        self.epmd.launch(cmd);
+        assert!(
+            crate::process::wait_for(Duration::from_secs(10), || {
+                TcpStream::connect(("127.0.0.1", self.epmd_port)).is_ok()
+            }),
+            "the cluster's epmd did not listen"
+        );
+    }
+
+    fn launch(&self, index: usize) {
+        let node = &self.nodes[index];
+        let dir = &node.dir;
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("stdout.log"))
+            .expect("node log");
+        let mut cmd = Command::new(self.sbin.join("rabbitmq-server"));
+        cmd.env_clear()
+            .env("PATH", search_path())
+            .env("LC_ALL", "C.UTF-8")
+            .env("HOME", self.dir.path().join("home"))
+            .env("RABBITMQ_NODENAME", &node.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", node.amqp_port.to_string())
+            .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
+            .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_PID_FILE", dir.join("rabbitmq.pid"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_ALLOW_INPUT", "1")
+            .env("RABBITMQ_SERVER_START_ARGS", "-noinput")
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log handle"))
+            .stderr(log)
+            .process_group(0);
+        node.process.launch(cmd);
+    }
+
+    fn wait_node(&self, index: usize) {
+        let node = &self.nodes[index];
+        if let Err(failure) = wait_ready(&node.process, READY_TIMEOUT, || {
+            answers_amqp(node.amqp_port)
+        }) {
+            panic!(
+                "RabbitMQ cluster node {} failed: {failure}\n{}",
+                node.name,
+                log_tail(&[node.dir.join("stdout.log")], 30)
+            );
+        }
+    }
+}
+
+/// Whether the port answers the AMQP 0-9-1 header with `connection.start`.
+fn answers_amqp(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut first = [0u8; 1];
+    stream.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
+        && stream.read_exact(&mut first).is_ok()
+        && first[0] == 1
+}
+
+fn installed_sbin() -> PathBuf {
+    let lib = Path::new("/usr/lib/rabbitmq/lib");
+    fs::read_dir(lib)
+        .ok()
+        .and_then(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path().join("sbin"))
+                .find(|sbin| sbin.join("rabbitmq-server").is_file())
+        })
+        .unwrap_or_else(|| panic!("RabbitMQ is not installed: {INSTALL_HINT}"))
+}
+
+impl fmt::Debug for RabbitMqCluster {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RabbitMqCluster")
+            .field("dir", &self.dir.path())
+            .field(
+                "nodes",
+                &self
+                    .nodes
+                    .iter()
+                    .map(|n| (&n.name, n.amqp_port))
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for RabbitMqCluster {
+    fn drop(&mut self) {
+        for node in &self.nodes {
+            node.process.kill_quietly();
+        }
+        self.epmd.kill_quietly();
+    }
+}
