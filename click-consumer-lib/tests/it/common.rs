@@ -84,6 +84,11 @@ pub(crate) async fn start(consumer: Consumer) -> Running {
 }
 
 impl Running {
+    /// Whether the consumer has returned already (it gave up, or failed).
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
     /// Signals shutdown and returns the consumer's result.
     pub(crate) async fn stop(self) -> click_consumer::Result<Summary> {
         self.stop.cancel();

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use click_consumer::{ClickEvent, Consumer};
-use click_consumer_testkit::ClickHouse;
+use click_consumer_testkit::{ClickHouse, RabbitMq};
 
 use crate::common::*;
 
@@ -72,4 +72,84 @@ async fn a_clickhouse_outage_is_retried_without_losing_or_duplicating() {
     assert_eq!(summary.stored, 3000, "{summary:?}");
     assert_eq!(count(&clickhouse), 3000, "every event exactly once");
     assert_eq!(queue_counts(&names.queue).await, (0, 0));
+}
+
+#[tokio::test]
+async fn a_broker_failure_right_after_a_clickhouse_pause_is_retried_not_fatal() {
+    // Private servers: this test stops both.
+    let (clickhouse, rabbitmq) =
+        tokio::task::spawn_blocking(|| (ClickHouse::start(), RabbitMq::start()))
+            .await
+            .unwrap();
+    let names = Names::new("pause_then_broker");
+    // A short start-up window: it must not apply to a reconnect long after start-up.
+    let config = config(&names)
+        .with_rabbitmq_url(rabbitmq.amqp_url())
+        .with_clickhouse_url(clickhouse.url())
+        .with_startup_timeout(Duration::from_secs(2))
+        .with_insert_release_after(Duration::from_millis(500))
+        .with_reconnect_limit(Duration::from_secs(60));
+    let consumer = Consumer::new(config.clone()).unwrap();
+    let metrics = consumer.metrics();
+    let running = start(consumer).await;
+    let publisher = publisher(&config).await;
+    let events: Vec<ClickEvent> = (0..200).map(event).collect();
+    publisher.publish_all(&events[..100]).await.unwrap();
+    wait_until("the first rows", Duration::from_secs(30), || async {
+        metrics.summary().stored >= 100
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await; // well past the start-up window
+
+    let clickhouse = tokio::task::spawn_blocking(move || {
+        clickhouse.stop();
+        clickhouse
+    })
+    .await
+    .unwrap();
+    publisher.publish_all(&events[100..]).await.unwrap();
+    drop(publisher);
+    wait_until(
+        "the batch released (a pause)",
+        Duration::from_secs(30),
+        || async { metrics.summary().released > 0 },
+    )
+    .await;
+    // The broker goes away during the pause, then ClickHouse comes back: the consumer
+    // must keep trying to reconnect (RECONNECT_LIMIT_MS), not give up with the start-up
+    // window that ended long ago.
+    let (clickhouse, rabbitmq) = tokio::task::spawn_blocking(move || {
+        rabbitmq.stop();
+        clickhouse.restart();
+        (clickhouse, rabbitmq)
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(
+        !running.is_finished(),
+        "the consumer gave up while the broker was down for 4 s after a pause"
+    );
+    let rabbitmq = tokio::task::spawn_blocking(move || {
+        rabbitmq.restart();
+        rabbitmq
+    })
+    .await
+    .unwrap();
+    wait_until(
+        "all 200 rows after the broker came back",
+        Duration::from_secs(60),
+        || async { metrics.summary().stored >= 200 },
+    )
+    .await;
+    let summary = running.stop().await.expect("a clean stop");
+    let rows = clickhouse
+        .query(&format!(
+            "SELECT count(), uniqExact(short_code) FROM {}",
+            names.table()
+        ))
+        .trim()
+        .to_owned();
+    assert_eq!(rows, "200\t200", "every event exactly once; {summary:?}");
+    drop(rabbitmq);
 }
