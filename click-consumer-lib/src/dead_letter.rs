@@ -363,23 +363,30 @@ async fn open_channel(
 fn watch_blocked(connection: &Connection, metrics: Arc<Metrics>) {
     let mut events = Box::pin(connection.events_listener());
     tokio::spawn(async move {
+        // Only this connection's own block is undone: a newer dead-letter connection
+        // may be blocked while this one closes.
+        let mut blocked = false;
         while let Some(event) = events.next().await {
             match event {
-                lapin::Event::ConnectionBlocked(reason) => {
+                lapin::Event::ConnectionBlocked(reason) if !blocked => {
                     log::warn!(
                         "RabbitMQ blocked the dead-letter connection ({reason}): dead letters wait, stored rows are still acknowledged"
                     );
+                    blocked = true;
                     metrics.set_broker_blocked(true);
                 }
-                lapin::Event::ConnectionUnblocked => {
+                lapin::Event::ConnectionUnblocked if blocked => {
                     log::warn!("RabbitMQ unblocked the dead-letter connection");
+                    blocked = false;
                     metrics.set_broker_blocked(false);
                 }
                 lapin::Event::Error(_) => break,
                 _ => {}
             }
         }
-        metrics.set_broker_blocked(false);
+        if blocked {
+            metrics.set_broker_blocked(false);
+        }
     });
 }
 

@@ -3,7 +3,7 @@
 use std::{
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -68,7 +68,9 @@ pub struct Metrics {
     pub(crate) last_insert: Gauge<f64, AtomicU64>,
     pub(crate) nodes_in_use: crate::endpoints::NodeGauge,
     broker_up: AtomicBool,
-    broker_blocked: AtomicBool,
+    /// Dead-letter connections blocked by the broker now (an old one may still be
+    /// closing while its successor is blocked).
+    broker_blocked: AtomicUsize,
     clickhouse_up: AtomicBool,
 }
 
@@ -110,7 +112,7 @@ impl Metrics {
             last_insert: Gauge::default(),
             nodes_in_use: Default::default(),
             broker_up: AtomicBool::new(false),
-            broker_blocked: AtomicBool::new(false),
+            broker_blocked: AtomicUsize::new(0),
             clickhouse_up: AtomicBool::new(false),
         };
         m.register();
@@ -266,13 +268,21 @@ impl Metrics {
     }
 
     /// The dead-letter connection was blocked (resource alarm) or unblocked.
+    /// A dead-letter connection was blocked (resource alarm), or its block ended
+    /// (unblocked, or the connection closed); each call with `false` undoes one `true`.
     pub(crate) fn set_broker_blocked(&self, blocked: bool) {
-        self.broker_blocked.store(blocked, Ordering::Relaxed);
+        if blocked {
+            self.broker_blocked.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let _ = self
+                .broker_blocked
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        }
         self.set_broker_state();
     }
 
     pub(crate) fn broker_blocked(&self) -> bool {
-        self.broker_blocked.load(Ordering::Relaxed)
+        self.broker_blocked.load(Ordering::Relaxed) > 0
     }
 
     fn set_broker_state(&self) {
@@ -430,6 +440,25 @@ mod tests {
         assert_eq!(human_bytes(1_536.0), "1.5 kB");
         assert_eq!(human_bytes(48_200_000.0), "48.2 MB");
         assert_eq!(human_bytes(2.5e9), "2.5 GB");
+    }
+
+    #[test]
+    fn a_closing_connection_does_not_unblock_its_blocked_successor() {
+        let m = Metrics::new();
+        m.set_broker_up(true);
+        m.set_broker_blocked(true); // the old dead-letter connection
+        m.set_broker_blocked(true); // its successor, blocked too
+        m.set_broker_blocked(false); // the old one closes
+        assert!(m.broker_blocked(), "the successor is still blocked");
+        assert!(
+            m.encode()
+                .contains("click_consumer_broker_connection_state{state=\"blocked\"} 1")
+        );
+        m.set_broker_blocked(false);
+        m.set_broker_blocked(false); // one undo too many is ignored
+        assert!(!m.broker_blocked());
+        m.set_broker_blocked(true);
+        assert!(m.broker_blocked());
     }
 
     #[test]
