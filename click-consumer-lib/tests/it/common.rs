@@ -99,6 +99,20 @@ impl Running {
     }
 }
 
+/// Runs `action` on a private server off the async threads (stopping or restarting one
+/// blocks for a while) and hands the server back.
+pub(crate) async fn blocking<S: Send + 'static>(
+    server: S,
+    action: impl FnOnce(&S) + Send + 'static,
+) -> S {
+    tokio::task::spawn_blocking(move || {
+        action(&server);
+        server
+    })
+    .await
+    .expect("the server thread does not panic")
+}
+
 /// Waits until `check` returns true, failing the test with `what` after `limit`.
 pub(crate) async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
@@ -170,6 +184,7 @@ pub(crate) async fn publisher(config: &Config) -> ClickPublisher {
 pub(crate) struct Taken {
     pub(crate) body: Vec<u8>,
     pub(crate) headers: FieldTable,
+    pub(crate) properties: lapin::BasicProperties,
 }
 
 impl Taken {
@@ -182,7 +197,8 @@ impl Taken {
     }
 }
 
-async fn connect() -> Connection {
+/// A test's own connection to the shared RabbitMQ.
+pub(crate) async fn connect() -> Connection {
     Connection::connect(
         &servers().rabbitmq.amqp_url(),
         ConnectionProperties::default(),
@@ -206,6 +222,7 @@ pub(crate) async fn drain(queue: &str) -> Vec<Taken> {
         taken.push(Taken {
             body: delivery.data.clone(),
             headers: delivery.properties.headers().clone().unwrap_or_default(),
+            properties: delivery.properties.clone(),
         });
     }
     let _ = connection.close(200, "done".into()).await;

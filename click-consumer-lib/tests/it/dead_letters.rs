@@ -8,62 +8,12 @@ use std::time::Duration;
 use click_consumer::{ClickEvent, Consumer, dead_letter_headers as dlh};
 use click_consumer_testkit::ClickHouse;
 use lapin::{
-    BasicProperties, Connection, ConnectionProperties,
-    options::{BasicAckOptions, BasicGetOptions, BasicPublishOptions, ConfirmSelectOptions},
-    types::{AMQPValue, FieldTable, ShortString},
+    BasicProperties,
+    options::{BasicPublishOptions, ConfirmSelectOptions},
+    types::ShortString,
 };
 
 use crate::common::*;
-
-/// A message taken from a queue, with all its properties.
-struct Letter {
-    body: Vec<u8>,
-    properties: BasicProperties,
-}
-
-impl Letter {
-    fn headers(&self) -> FieldTable {
-        self.properties.headers().clone().unwrap_or_default()
-    }
-
-    /// A header as text (`None` if missing).
-    fn header(&self, name: &str) -> Option<String> {
-        match self.headers().inner().get(name)? {
-            AMQPValue::LongString(s) => Some(s.to_string()),
-            other => Some(format!("{other:?}")),
-        }
-    }
-}
-
-async fn connect() -> Connection {
-    Connection::connect(
-        &servers().rabbitmq.amqp_url(),
-        ConnectionProperties::default(),
-    )
-    .await
-    .expect("test connection to RabbitMQ")
-}
-
-/// Takes (and acks) every message in `queue`, with its properties.
-async fn take_all(queue: &str) -> Vec<Letter> {
-    let connection = connect().await;
-    let channel = connection.create_channel().await.expect("channel");
-    let mut taken = Vec::new();
-    while let Some(message) = channel
-        .basic_get(queue.into(), BasicGetOptions::default())
-        .await
-        .expect("basic.get")
-    {
-        let delivery = message.delivery;
-        delivery.ack(BasicAckOptions::default()).await.expect("ack");
-        taken.push(Letter {
-            body: delivery.data.clone(),
-            properties: delivery.properties.clone(),
-        });
-    }
-    let _ = connection.close(200, "done".into()).await;
-    taken
-}
 
 /// Publishes `body` to the test's exchange with `properties`, waiting for the confirm.
 async fn publish_with(
@@ -131,7 +81,7 @@ async fn dead_letter_copies_are_persistent_never_expire_and_carry_a_unique_id() 
     let _ = publisher.close().await;
     assert_eq!(summary.dead_lettered, 2, "{summary:?}");
 
-    let letters = take_all(&names.dead_letter_queue()).await;
+    let letters = drain(&names.dead_letter_queue()).await;
     assert_eq!(
         letters.len(),
         2,
@@ -320,12 +270,7 @@ async fn releasing_a_batch_whose_last_message_was_dead_lettered_keeps_the_channe
             == "1"
     })
     .await;
-    let clickhouse = tokio::task::spawn_blocking(move || {
-        clickhouse.stop();
-        clickhouse
-    })
-    .await
-    .unwrap();
+    let clickhouse = blocking(clickhouse, |server| server.stop()).await;
     // One batch: 50 rows, then a poison message holding the highest delivery tag. Its
     // copy is confirmed and it is acknowledged while the rows wait for ClickHouse.
     let events: Vec<ClickEvent> = (0..50).map(event).collect();
@@ -337,12 +282,7 @@ async fn releasing_a_batch_whose_last_message_was_dead_lettered_keeps_the_channe
     .await;
     let released = metrics.summary().released;
     let dead_before_restart = metrics.summary().dead_lettered;
-    let clickhouse = tokio::task::spawn_blocking(move || {
-        clickhouse.restart();
-        clickhouse
-    })
-    .await
-    .unwrap();
+    let clickhouse = blocking(clickhouse, |server| server.restart()).await;
     wait_until(
         "50 rows after the restart",
         Duration::from_secs(60),

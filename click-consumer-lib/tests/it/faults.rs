@@ -32,12 +32,7 @@ async fn a_clickhouse_outage_is_retried_without_losing_or_duplicating() {
     })
     .await;
 
-    let clickhouse = tokio::task::spawn_blocking(move || {
-        clickhouse.stop();
-        clickhouse
-    })
-    .await
-    .unwrap();
+    let clickhouse = blocking(clickhouse, |server| server.stop()).await;
     publisher.publish_all(&events[1000..]).await.unwrap();
     wait_until(
         "failed INSERTs being retried",
@@ -52,12 +47,7 @@ async fn a_clickhouse_outage_is_retried_without_losing_or_duplicating() {
         "the failing batch stays unacknowledged during the outage"
     );
 
-    let clickhouse = tokio::task::spawn_blocking(move || {
-        clickhouse.restart();
-        clickhouse
-    })
-    .await
-    .unwrap();
+    let clickhouse = blocking(clickhouse, |server| server.restart()).await;
     wait_until(
         "all 3000 rows after the outage",
         Duration::from_secs(60),
@@ -101,12 +91,7 @@ async fn a_broker_failure_right_after_a_clickhouse_pause_is_retried_not_fatal() 
     .await;
     tokio::time::sleep(Duration::from_secs(3)).await; // well past the start-up window
 
-    let clickhouse = tokio::task::spawn_blocking(move || {
-        clickhouse.stop();
-        clickhouse
-    })
-    .await
-    .unwrap();
+    let clickhouse = blocking(clickhouse, |server| server.stop()).await;
     publisher.publish_all(&events[100..]).await.unwrap();
     drop(publisher);
     wait_until(
@@ -130,12 +115,7 @@ async fn a_broker_failure_right_after_a_clickhouse_pause_is_retried_not_fatal() 
         !running.is_finished(),
         "the consumer gave up while the broker was down for 4 s after a pause"
     );
-    let rabbitmq = tokio::task::spawn_blocking(move || {
-        rabbitmq.restart();
-        rabbitmq
-    })
-    .await
-    .unwrap();
+    let rabbitmq = blocking(rabbitmq, |server| server.restart()).await;
     wait_until(
         "all 200 rows after the broker came back",
         Duration::from_secs(60),
