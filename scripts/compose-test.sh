@@ -184,7 +184,7 @@ publish() {
         : >"$cfg"
         for ((j = 0; j < slice && i < n; j++)); do
             i=$((i + 1))
-            printf 'url = "%s"\nuser = "clicks:clicks"\nheader = "content-type: application/json"\ndata = "{\\"properties\\":{\\"delivery_mode\\":2,\\"content_type\\":\\"application/json\\"},\\"routing_key\\":\\"click_events\\",\\"payload_encoding\\":\\"string\\",\\"payload\\":\\"{\\\\\\"short_code\\\\\\":\\\\\\"ci%s\\\\\\",\\\\\\"timestamp\\\\\\":\\\\\\"%s\\\\\\",\\\\\\"user_agent\\\\\\":\\\\\\"compose-test\\\\\\",\\\\\\"ip_address\\\\\\":\\\\\\"192.0.2.%s\\\\\\",\\\\\\"referrer\\\\\\":\\\\\\"\\\\\\",\\\\\\"original_url\\\\\\":\\\\\\"https://example.com/ci/%s/%s/%s\\\\\\"}\\"}"\nnext\n' \
+            printf 'url = "%s"\nuser = "clicks:clicks-secret"\nheader = "content-type: application/json"\ndata = "{\\"properties\\":{\\"delivery_mode\\":2,\\"content_type\\":\\"application/json\\"},\\"routing_key\\":\\"click_events\\",\\"payload_encoding\\":\\"string\\",\\"payload\\":\\"{\\\\\\"short_code\\\\\\":\\\\\\"ci%s\\\\\\",\\\\\\"timestamp\\\\\\":\\\\\\"%s\\\\\\",\\\\\\"user_agent\\\\\\":\\\\\\"compose-test\\\\\\",\\\\\\"ip_address\\\\\\":\\\\\\"192.0.2.%s\\\\\\",\\\\\\"referrer\\\\\\":\\\\\\"\\\\\\",\\\\\\"original_url\\\\\\":\\\\\\"https://example.com/ci/%s/%s/%s\\\\\\"}\\"}"\nnext\n' \
                 "$url" "$((i % 10))" "$now" "$((i % 250 + 1))" "$RUN_ID" "$tag" "$i" >>"$cfg"
         done
         got=$(curl -sS -m 10 -K "$cfg" 2>/dev/null | grep -o '"routed":true' | wc -l || true)
