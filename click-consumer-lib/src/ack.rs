@@ -57,10 +57,23 @@ impl Acker {
 
     /// Settles `tags` (in any order; unknown ones are skipped). Returns how many were
     /// settled. On an error the channel is gone, and with it every outstanding tag.
+    ///
+    /// Runs to completion in a task of its own even if the caller is dropped (a commit
+    /// aborted at shutdown): tags leave the ledger before their frames are sent, so a
+    /// settle stopped halfway would leave tags unsettled on the broker that a later
+    /// `multiple` frame could cover.
     pub(crate) async fn settle(&self, tags: &[u64], how: Settle) -> Result<usize, lapin::Error> {
         if tags.is_empty() {
             return Ok(0);
         }
+        let acker = self.clone();
+        let tags = tags.to_vec();
+        tokio::spawn(async move { acker.settle_now(&tags, how).await })
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(format!("settling failed: {e}")).into()))
+    }
+
+    async fn settle_now(&self, tags: &[u64], how: Settle) -> Result<usize, lapin::Error> {
         let mut outstanding = self.outstanding.lock().await;
         let (frames, settled) = plan(&outstanding, tags);
         for tag in &settled {

@@ -193,6 +193,8 @@ impl Committer {
         let mut refused = Vec::new();
         let whole: Range<usize> = 0..batch.len();
         let mut todo = vec![whole];
+        // Rows of this batch stored by the INSERTs so far.
+        let mut inserted = 0;
         let mut search: Option<(Instant, usize)> = None;
         while let Some(range) = todo.pop() {
             if range.is_empty() {
@@ -206,7 +208,16 @@ impl Committer {
                 *inserts += 1;
             }
             match self.insert_retrying(batch, range.clone()).await {
-                Ok(()) => {}
+                Ok(()) => inserted += range.len(),
+                Err(Stop::Give(Outcome::Released)) if inserted > 0 => {
+                    // Part of the batch is stored: released, it comes back and is
+                    // stored again.
+                    self.metrics.duplicate_risk.inc();
+                    log::warn!(
+                        "{inserted} rows of the released batch were stored already: they will be stored again when redelivered (this batch only)"
+                    );
+                    return Err(Outcome::Released);
+                }
                 Err(Stop::Give(outcome)) => return Err(outcome),
                 Err(Stop::Refused(error) | Stop::Shape(error)) => {
                     if search.is_none() {
