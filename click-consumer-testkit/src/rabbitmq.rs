@@ -451,26 +451,18 @@ impl RabbitMq {
             Some(_) => CHROOT_PATH.to_owned(),
             None => search_path(),
         };
-        cmd.env_clear()
-            .env("PATH", path)
-            .env("LC_ALL", "C.UTF-8")
-            .env("HOME", dir)
-            .env("RABBITMQ_NODENAME", &self.node)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", self.amqp_port.to_string())
-            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            // 0: each rabbitmqctl run lets the OS pick its distribution port, so
-            // concurrent runs cannot collide.
-            .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
-            .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_PID_FILE", dir.join("rabbitmq.pid"))
-            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
-            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"));
+        private_node_env(
+            cmd,
+            &path,
+            dir,
+            &NodeEnv {
+                name: &self.node,
+                amqp_port: self.amqp_port,
+                dist_port: self.dist_port,
+                epmd_port: self.epmd_port,
+                dir,
+            },
+        );
         if let Some((scripts, plugins)) = &self.home {
             cmd.env("RABBITMQ_SCRIPTS_DIR", scripts)
                 .env("RABBITMQ_PLUGINS_DIR", plugins);
@@ -609,4 +601,46 @@ impl Drop for RabbitMq {
         self.epmd.kill_quietly();
         // The TempDir field removes the directory next.
     }
+}
+
+/// What makes a broker node private: its name, ports and folder.
+#[derive(Debug)]
+pub(crate) struct NodeEnv<'a> {
+    pub(crate) name: &'a str,
+    pub(crate) amqp_port: u16,
+    pub(crate) dist_port: u16,
+    pub(crate) epmd_port: u16,
+    /// Where the node keeps its data, logs and configuration files.
+    pub(crate) dir: &'a Path,
+}
+
+/// The environment of a private node (or of rabbitmqctl talking to it): nothing
+/// inherited, every port and path its own. Shared by single brokers and clusters.
+pub(crate) fn private_node_env<'c>(
+    cmd: &'c mut Command,
+    path: &str,
+    home: &Path,
+    node: &NodeEnv<'_>,
+) -> &'c mut Command {
+    let dir = node.dir;
+    cmd.env_clear()
+        .env("PATH", path)
+        .env("LC_ALL", "C.UTF-8")
+        .env("HOME", home)
+        .env("RABBITMQ_NODENAME", node.name)
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", node.amqp_port.to_string())
+        .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
+        .env("ERL_EPMD_PORT", node.epmd_port.to_string())
+        // 0: each rabbitmqctl run lets the OS pick its distribution port, so
+        // concurrent runs cannot collide.
+        .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
+        .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
+        .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+        .env("RABBITMQ_LOG_BASE", dir.join("log"))
+        .env("RABBITMQ_PID_FILE", dir.join("rabbitmq.pid"))
+        .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
+        .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
+        .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
 }

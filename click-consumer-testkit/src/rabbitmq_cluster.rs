@@ -20,6 +20,7 @@ use crate::ports::{free_ports, wait_bindable};
 use crate::process::{
     INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied, wait_ready,
 };
+use crate::rabbitmq::{NodeEnv, private_node_env};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -283,31 +284,25 @@ impl RabbitMqCluster {
             .open(dir.join("stdout.log"))
             .expect("node log");
         let mut cmd = Command::new(self.sbin.join("rabbitmq-server"));
-        cmd.env_clear()
-            .env("PATH", search_path())
-            .env("LC_ALL", "C.UTF-8")
-            .env("HOME", self.dir.path().join("home"))
-            .env("RABBITMQ_NODENAME", &node.name)
-            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
-            .env("RABBITMQ_NODE_PORT", node.amqp_port.to_string())
-            .env("RABBITMQ_DIST_PORT", node.dist_port.to_string())
-            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
-            .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
-            .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
-            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
-            .env("RABBITMQ_LOG_BASE", dir.join("log"))
-            .env("RABBITMQ_PID_FILE", dir.join("rabbitmq.pid"))
-            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq.conf"))
-            .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
-            .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
-            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
-            .env("RABBITMQ_ALLOW_INPUT", "1")
-            .env("RABBITMQ_SERVER_START_ARGS", "-noinput")
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log handle"))
-            .stderr(log)
-            .process_group(0);
+        private_node_env(
+            &mut cmd,
+            &search_path(),
+            &self.dir.path().join("home"),
+            &NodeEnv {
+                name: &node.name,
+                amqp_port: node.amqp_port,
+                dist_port: node.dist_port,
+                epmd_port: self.epmd_port,
+                dir,
+            },
+        )
+        .env("RABBITMQ_ALLOW_INPUT", "1")
+        .env("RABBITMQ_SERVER_START_ARGS", "-noinput")
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log handle"))
+        .stderr(log)
+        .process_group(0);
         node.process.launch(cmd);
     }
 
