@@ -28,6 +28,10 @@ const BATCH: u64 = 500;
 /// The most dead letters a fault may duplicate: the poison (1 in 20) among the messages
 /// in flight, which is at most the prefetch window (2 x BATCH_SIZE).
 const DEAD_LETTER_WINDOW: u64 = 2 * BATCH / 20;
+/// Messages a consumer can hold unacknowledged at most: the prefetch window (2 x
+/// BATCH_SIZE), plus, while its first consumer drains, that consumer's window (sized for
+/// messages of MAX_MESSAGE_BYTES: 64 MiB / 1 MiB).
+const IN_FLIGHT: u64 = 2 * BATCH + 64;
 const VALID: usize = 3000;
 
 /// One message of a scenario's stream.
@@ -120,6 +124,14 @@ struct Counts {
     dead_lettered: u64,
     /// Dead letters beyond one per poison message (its ack was lost, it came back).
     dead_lettered_twice: u64,
+    /// The most dead letters a fault may duplicate in this scenario.
+    dead_letter_window: u64,
+    /// Copies of a message that the same consumer had copied already (empty bodies,
+    /// which cannot be told apart, left out).
+    dead_lettered_twice_by_one: u64,
+    /// Every duplicate dead letter must come from two consumers (the one killed and its
+    /// successor): none may be copied twice by one consumer.
+    duplicates_need_two_consumers: bool,
     /// Every kind has at least as many dead letters as poison messages of that kind.
     dead_letter_kinds_match: bool,
     /// The fault was really exercised (e.g. INSERTs failed while ClickHouse was down).
@@ -138,7 +150,7 @@ struct Counts {
 impl Counts {
     fn dead_letter_duplicates_allowed(&self) -> u64 {
         if self.duplicates_allowed > 0 || self.restarted_with_dead_letters_pending {
-            DEAD_LETTER_WINDOW
+            self.dead_letter_window
         } else {
             0
         }
@@ -152,6 +164,7 @@ impl Counts {
             && self.dead_letter_kinds_match
             && self.stored_twice <= self.duplicates_allowed
             && self.dead_lettered_twice <= self.dead_letter_duplicates_allowed()
+            && !(self.duplicates_need_two_consumers && self.dead_lettered_twice_by_one > 0)
     }
 }
 
@@ -236,7 +249,7 @@ impl<'a> Run<'a> {
         let status = consumer.stop();
         let (rows, distinct) = self.stack.rows();
         let (ready, unacked) = self.stack.queue();
-        let kinds = self.stack.take_dead_letters(&self.runtime);
+        let (kinds, dead_lettered_twice_by_one) = self.stack.take_dead_letters(&self.runtime);
         let mut expected: BTreeMap<String, u64> = BTreeMap::new();
         for kind in self.messages.iter().filter_map(|m| m.poison) {
             *expected.entry(kind.to_owned()).or_default() += 1;
@@ -267,6 +280,9 @@ impl<'a> Run<'a> {
             stored_twice: rows - distinct,
             dead_lettered,
             dead_lettered_twice: dead_lettered.saturating_sub(poison),
+            dead_letter_window: DEAD_LETTER_WINDOW,
+            dead_lettered_twice_by_one,
+            duplicates_need_two_consumers: false,
             dead_letter_kinds_match: kinds_match,
             exercised: true,
             still_queued: ready + unacked,
@@ -416,6 +432,17 @@ fn consumer_killed_and_restarted() -> Counts {
         ),
     );
     counts.exercised = stored_before < counts.valid;
+    // Poison waits unacknowledged for its copy's confirm while the valid messages around
+    // it are acked at once, so the messages in flight at the kill can hold more than one
+    // poison in 20 (seen: 64 under load, 46 before the byte budget): any of them may be
+    // copied again by the successor. What must hold is that each was copied once by the
+    // killed consumer and once by its successor, never twice by one.
+    counts.dead_letter_window = IN_FLIGHT;
+    counts.duplicates_need_two_consumers = true;
+    counts.note.push_str(&format!(
+        "; {} dead letters copied twice by one consumer",
+        counts.dead_lettered_twice_by_one
+    ));
     counts
 }
 

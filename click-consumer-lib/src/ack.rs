@@ -10,7 +10,13 @@
 //! were computed, under one lock, so a `multiple` frame can never overtake a single one it
 //! covers.
 
-use std::{collections::BTreeSet, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+};
 
 use lapin::{
     Channel,
@@ -31,11 +37,14 @@ pub(crate) enum Settle {
     Reject,
 }
 
-/// The delivery tags of one consuming channel that are received and not settled.
+/// The delivery tags of one consuming channel that are received and not settled, with
+/// the bytes each one holds (what the in-flight byte budget counts).
 #[derive(Debug, Clone)]
 pub(crate) struct Acker {
     channel: Channel,
-    outstanding: Arc<Mutex<BTreeSet<u64>>>,
+    outstanding: Arc<Mutex<BTreeMap<u64, u64>>>,
+    /// The sum of the outstanding deliveries' bytes, readable without the lock.
+    held: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
@@ -44,15 +53,25 @@ impl Acker {
         Acker {
             channel,
             outstanding: Arc::default(),
+            held: Arc::default(),
             metrics,
         }
     }
 
-    /// Records a delivery.
-    pub(crate) async fn received(&self, tag: u64) {
+    /// Records a delivery holding `bytes` until it is settled.
+    pub(crate) async fn received(&self, tag: u64, bytes: u64) {
         let mut outstanding = self.outstanding.lock().await;
-        outstanding.insert(tag);
+        if let Some(old) = outstanding.insert(tag, bytes) {
+            self.held.fetch_sub(old, Ordering::Relaxed);
+        }
+        let held = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.metrics.unacked.set(outstanding.len() as i64);
+        self.metrics.inflight_bytes.set(held as i64);
+    }
+
+    /// The bytes of the deliveries received and not settled.
+    pub(crate) fn held_bytes(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Settles `tags` (in any order; unknown ones are skipped). Returns how many were
@@ -76,10 +95,13 @@ impl Acker {
     async fn settle_now(&self, tags: &[u64], how: Settle) -> Result<usize, lapin::Error> {
         let mut outstanding = self.outstanding.lock().await;
         let (frames, settled) = plan(&outstanding, tags);
+        let mut freed = 0;
         for tag in &settled {
-            outstanding.remove(tag);
+            freed += outstanding.remove(tag).unwrap_or(0);
         }
+        let held = self.held.fetch_sub(freed, Ordering::Relaxed) - freed;
         self.metrics.unacked.set(outstanding.len() as i64);
+        self.metrics.inflight_bytes.set(held as i64);
         if settled.len() < tags.len() {
             log::debug!(
                 "{} of {} delivery tags to settle were not outstanding (settled already)",
@@ -135,11 +157,11 @@ struct Frame {
 ///
 /// The outstanding tags below the first one that is not being settled form a prefix
 /// settled by one `multiple` frame; every wanted tag above that hole is settled alone.
-fn plan(outstanding: &BTreeSet<u64>, tags: &[u64]) -> (Vec<Frame>, Vec<u64>) {
+fn plan(outstanding: &BTreeMap<u64, u64>, tags: &[u64]) -> (Vec<Frame>, Vec<u64>) {
     let mut wanted: Vec<u64> = tags
         .iter()
         .copied()
-        .filter(|t| outstanding.contains(t))
+        .filter(|t| outstanding.contains_key(t))
         .collect();
     wanted.sort_unstable();
     wanted.dedup();
@@ -151,7 +173,7 @@ fn plan(outstanding: &BTreeSet<u64>, tags: &[u64]) -> (Vec<Frame>, Vec<u64>) {
     // The end of the prefix of outstanding tags that are all wanted, and its length.
     let mut prefix: Option<(u64, usize)> = None;
     let mut in_prefix = true;
-    for &tag in outstanding.range(..=highest) {
+    for &tag in outstanding.range(..=highest).map(|(tag, _)| tag) {
         if next.peek() == Some(&&tag) {
             next.next();
             if in_prefix {
@@ -183,8 +205,10 @@ fn plan(outstanding: &BTreeSet<u64>, tags: &[u64]) -> (Vec<Frame>, Vec<u64>) {
 mod tests {
     use super::*;
 
-    fn set(tags: &[u64]) -> BTreeSet<u64> {
-        tags.iter().copied().collect()
+    use std::collections::BTreeSet;
+
+    fn set(tags: &[u64]) -> BTreeMap<u64, u64> {
+        tags.iter().map(|&t| (t, 0)).collect()
     }
 
     fn multiple(tag: u64) -> Frame {
@@ -242,7 +266,7 @@ mod tests {
         for hole in [1u64, 7, 20, 40] {
             let wanted: Vec<u64> = (1..=40).filter(|t| t % 7 != 0 && *t != hole).collect();
             let (frames, _) = plan(&outstanding, &wanted);
-            let mut left = outstanding.clone();
+            let mut left: BTreeSet<u64> = outstanding.keys().copied().collect();
             for frame in frames {
                 assert!(left.contains(&frame.tag), "frame names a settled tag");
                 if frame.multiple {
@@ -251,7 +275,12 @@ mod tests {
                     left.remove(&frame.tag);
                 }
             }
-            let expected: BTreeSet<u64> = outstanding.difference(&set(&wanted)).copied().collect();
+            let wanted: BTreeSet<u64> = wanted.into_iter().collect();
+            let expected: BTreeSet<u64> = outstanding
+                .keys()
+                .filter(|t| !wanted.contains(t))
+                .copied()
+                .collect();
             assert_eq!(left, expected, "hole {hole}");
         }
     }

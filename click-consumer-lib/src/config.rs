@@ -48,6 +48,12 @@ pub mod defaults {
     pub const BATCH_MAX_BYTES: usize = 32 * 1024 * 1024;
     /// `MAX_MESSAGE_BYTES`: larger bodies are dead-lettered unread.
     pub const MAX_MESSAGE_BYTES: usize = 1024 * 1024;
+    /// `MAX_INFLIGHT_BYTES`: message bytes received and not yet acknowledged, at most. The
+    /// prefetch window shrinks below `PREFETCH_COUNT` when messages are large enough to
+    /// exceed it. 64 MiB keeps a consumer of 700 KB messages well under a 256 MiB container
+    /// (bodies are held about twice: the delivery and the encoded row) and never limits
+    /// normal clicks (20,000 x ~300 bytes is 6 MB).
+    pub const MAX_INFLIGHT_BYTES: usize = 64 * 1024 * 1024;
     /// `SHUTDOWN_TIMEOUT_MS`: below Docker's 10 s stop timeout.
     pub const SHUTDOWN_TIMEOUT_MS: u64 = 8_000;
     /// `STARTUP_TIMEOUT_MS`: how long start-up waits for both servers.
@@ -175,6 +181,7 @@ pub struct Config {
     pub(crate) batch_max_bytes: usize,
     pub(crate) prefetch: Option<u16>,
     pub(crate) max_message_bytes: usize,
+    pub(crate) max_inflight_bytes: usize,
     pub(crate) consumer_tag: Option<String>,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) startup_timeout: Duration,
@@ -213,6 +220,7 @@ impl Default for Config {
             batch_max_bytes: BATCH_MAX_BYTES,
             prefetch: None,
             max_message_bytes: MAX_MESSAGE_BYTES,
+            max_inflight_bytes: MAX_INFLIGHT_BYTES,
             consumer_tag: None,
             shutdown_timeout: Duration::from_millis(SHUTDOWN_TIMEOUT_MS),
             startup_timeout: Duration::from_millis(STARTUP_TIMEOUT_MS),
@@ -249,6 +257,7 @@ impl fmt::Debug for Config {
             .field("batch_max_bytes", &self.batch_max_bytes)
             .field("prefetch", &self.prefetch())
             .field("max_message_bytes", &self.max_message_bytes)
+            .field("max_inflight_bytes", &self.max_inflight_bytes)
             .field("consumer_tag", &self.consumer_tag)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("startup_timeout", &self.startup_timeout)
@@ -324,6 +333,10 @@ impl Config {
     builder!(
         /// `MAX_MESSAGE_BYTES`: bodies above this are dead-lettered without being parsed.
         with_max_message_bytes, max_message_bytes: usize);
+    builder!(
+        /// `MAX_INFLIGHT_BYTES`: message bytes received and not yet acknowledged, at most
+        /// (about; see the README). At least `MAX_MESSAGE_BYTES`.
+        with_max_inflight_bytes, max_inflight_bytes: usize);
     builder!(
         /// `SHUTDOWN_TIMEOUT_MS`: how long a shutdown may take to flush and close.
         with_shutdown_timeout, shutdown_timeout: Duration);
@@ -563,6 +576,15 @@ impl Config {
         if self.max_message_bytes == 0 {
             return Err(Error::setting("MAX_MESSAGE_BYTES", "must be at least 1"));
         }
+        if self.max_inflight_bytes < self.max_message_bytes {
+            return Err(Error::setting(
+                "MAX_INFLIGHT_BYTES",
+                format!(
+                    "must be at least MAX_MESSAGE_BYTES ({}), got {}",
+                    self.max_message_bytes, self.max_inflight_bytes
+                ),
+            ));
+        }
         if let Some(tag) = &self.consumer_tag {
             amqp_name("CONSUMER_TAG", tag)?;
         }
@@ -613,6 +635,7 @@ impl Config {
             c.prefetch = Some(parse("PREFETCH_COUNT", &prefetch)?);
         }
         env.parse("MAX_MESSAGE_BYTES", &mut c.max_message_bytes)?;
+        env.parse("MAX_INFLIGHT_BYTES", &mut c.max_inflight_bytes)?;
         c.consumer_tag = env.get("CONSUMER_TAG");
         env.millis("SHUTDOWN_TIMEOUT_MS", &mut c.shutdown_timeout)?;
         env.millis("STARTUP_TIMEOUT_MS", &mut c.startup_timeout)?;
@@ -910,6 +933,18 @@ mod tests {
         assert_eq!(
             refused_setting(&[("CLICKHOUSE_URL", "ftp://x")]),
             "CLICKHOUSE_URL"
+        );
+        // The budget must hold at least one message of the largest size allowed.
+        assert_eq!(
+            refused_setting(&[("MAX_INFLIGHT_BYTES", "1000")]),
+            "MAX_INFLIGHT_BYTES"
+        );
+        assert_eq!(
+            refused_setting(&[
+                ("MAX_MESSAGE_BYTES", "4096"),
+                ("MAX_INFLIGHT_BYTES", "4095")
+            ]),
+            "MAX_INFLIGHT_BYTES"
         );
     }
 

@@ -222,6 +222,7 @@ impl Consumer {
             let end = session.run(&stop, &mut stats).await;
             metrics.set_broker_up(false);
             metrics.unacked.set(0);
+            metrics.inflight_bytes.set(0);
             if opened.elapsed() >= HEALTHY_SESSION {
                 backoff.reset();
             }

@@ -62,6 +62,7 @@ mod error;
 mod event;
 mod exposition;
 mod field;
+mod flow;
 mod metrics;
 mod publisher;
 mod rowbinary;

@@ -64,6 +64,9 @@ pub struct Metrics {
     pub(crate) batch_rows: Histogram,
     pub(crate) insert_seconds: Histogram,
     pub(crate) unacked: Gauge,
+    pub(crate) inflight_bytes: Gauge,
+    pub(crate) prefetch_window: Gauge,
+    pub(crate) window_changes: Counter,
     pub(crate) queue_depth: Gauge,
     pub(crate) last_insert: Gauge<f64, AtomicU64>,
     pub(crate) nodes_in_use: crate::endpoints::NodeGauge,
@@ -108,6 +111,9 @@ impl Metrics {
             batch_rows: Histogram::new(exponential_buckets(1.0, 4.0, 9)),
             insert_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             unacked: Gauge::default(),
+            inflight_bytes: Gauge::default(),
+            prefetch_window: Gauge::default(),
+            window_changes: Counter::default(),
             queue_depth: Gauge::default(),
             last_insert: Gauge::default(),
             nodes_in_use: Default::default(),
@@ -227,6 +233,21 @@ impl Metrics {
             "messages_unacked",
             "Messages received and not yet acknowledged",
             self.unacked.clone(),
+        );
+        r.register(
+            "inflight_bytes",
+            "Bytes of the messages received and not yet acknowledged (bounded by MAX_INFLIGHT_BYTES)",
+            self.inflight_bytes.clone(),
+        );
+        r.register(
+            "prefetch_window",
+            "Prefetch count of the current consumer: PREFETCH_COUNT, or less while messages are large",
+            self.prefetch_window.clone(),
+        );
+        r.register(
+            "prefetch_window_changes",
+            "Times the consumer was restarted with another prefetch window (message sizes changed)",
+            self.window_changes.clone(),
         );
         r.register(
             "queue_depth",

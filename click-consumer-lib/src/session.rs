@@ -21,11 +21,18 @@ use crate::commit::{Committer, Outcome};
 use crate::config::Config;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::error::Error;
+use crate::flow::{OVERHEAD, Window};
 use crate::metrics::{Metrics, StatsLog};
 use crate::store::Store;
 
 /// Time kept back from the shutdown deadline to close the channels and the connection.
 const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// How often a consumer stopped for the byte budget looks again at what is held.
+const PAUSE_CHECK: Duration = Duration::from_millis(20);
+
+/// Longest wait for the broker to confirm a consumer's cancellation.
+const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -88,7 +95,16 @@ pub(crate) struct Session {
     /// (dead letters have a connection of their own).
     connection: Connection,
     consume: Channel,
-    consumer: lapin::Consumer,
+    /// The running consumer; `None` while it is stopped for the byte budget or being
+    /// restarted with another prefetch window.
+    consumer: Option<Running>,
+    /// Cancelled consumers whose deliveries sent before the cancellation are still being
+    /// read (their streams end after them).
+    draining: Vec<lapin::Consumer>,
+    /// The prefetch window for the byte budget.
+    window: Window,
+    /// Consumers started so far in this session (each restart gets a new tag).
+    generation: u32,
     acker: Acker,
     dead_letters: DeadLetters,
     committer: Committer,
@@ -120,9 +136,18 @@ impl Session {
                 }
                 other => OpenError::Fatal(other),
             })?;
+        let window = Window::new(
+            config.max_inflight_bytes,
+            config.prefetch(),
+            config.max_message_bytes,
+        );
         consume
-            .basic_qos(config.prefetch(), BasicQosOptions::default())
+            .basic_qos(window.current(), BasicQosOptions::default())
             .await?;
+        shared
+            .metrics
+            .prefetch_window
+            .set(i64::from(window.current()));
         let acker = Acker::new(consume.clone(), shared.metrics.clone());
         let dead_letters = DeadLetters::start(
             config,
@@ -162,10 +187,16 @@ impl Session {
                 .then_some(broker::QUORUM_DELIVERY_LIMIT as u32),
         };
         Ok(Session {
+            consumer: Some(Running {
+                tag: shared.consumer_tag.clone(),
+                stream: consumer,
+            }),
             shared,
             connection,
             consume,
-            consumer,
+            draining: Vec::new(),
+            window,
+            generation: 1,
             acker,
             dead_letters,
             committer,
@@ -184,10 +215,23 @@ impl Session {
             Instant::now() + config.stats_interval,
             config.stats_interval,
         );
+        // Half the byte budget per batch, so that the next batch fills within the budget
+        // while the previous one is being written.
+        let batch_bytes = config
+            .batch_max_bytes
+            .min(config.max_inflight_bytes / 2)
+            .max(1);
         let end = loop {
+            if let Err(e) = self.steer().await {
+                break End::BrokerLost(e.to_string());
+            }
+            // Stopped for the byte budget: what is buffered must be written to free it.
+            let paused = self.consumer.is_none() && self.draining.is_empty();
             let deadline = batch.deadline(config.batch_timeout);
-            let full = batch.is_full(config.batch_size, config.batch_max_bytes);
-            let due = full || deadline.is_some_and(|d| d <= Instant::now());
+            let full = batch.is_full(config.batch_size, batch_bytes);
+            let due = full
+                || (paused && !batch.is_empty())
+                || deadline.is_some_and(|d| d <= Instant::now());
             if in_flight.is_none() && due {
                 let full = std::mem::replace(&mut batch, recycler.batch(config.batch_size));
                 log::debug!(
@@ -203,6 +247,7 @@ impl Session {
             }
             let receiving = !full;
             let flush_timer = deadline.filter(|_| in_flight.is_none());
+            let pause_check = paused.then(|| Instant::now() + PAUSE_CHECK);
             tokio::select! {
                 biased;
                 () = stop.cancelled() => {
@@ -217,11 +262,26 @@ impl Session {
                 }
                 () = self.dead_letters.refused() => break End::Redeclare,
                 () = sleep_until(flush_timer) => {}
+                () = sleep_until(pause_check) => {}
                 _ = stats_tick.tick() => {
                     self.refresh_queue_depth().await;
                     stats.log();
                 }
-                delivery = self.consumer.next(), if receiving => match delivery {
+                delivery = next_of(&mut self.draining), if receiving && !self.draining.is_empty() => {
+                    match delivery {
+                        Some(Ok(delivery)) => {
+                            if let Err(e) = self.accept(delivery, &mut batch).await {
+                                break End::BrokerLost(format!("dead-lettering failed: {e}"));
+                            }
+                        }
+                        Some(Err(e)) => break End::BrokerLost(e.to_string()),
+                        // The cancelled consumer's last delivery is in.
+                        None => {
+                            self.draining.remove(0);
+                        }
+                    }
+                }
+                delivery = next_running(&mut self.consumer), if receiving && self.consumer.is_some() => match delivery {
                     Some(Ok(delivery)) => {
                         if let Err(e) = self.accept(delivery, &mut batch).await {
                             break End::BrokerLost(format!("dead-lettering failed: {e}"));
@@ -245,6 +305,78 @@ impl Session {
         self.settle_dead_letters().await;
         self.close().await;
         end
+    }
+
+    /// Keeps the bytes held within the budget: restarts the consumer with another
+    /// prefetch window when the message sizes call for one, stops it while too much is
+    /// held, and starts it again once its window fits beside what is still held.
+    async fn steer(&mut self) -> Result<(), lapin::Error> {
+        let held = self.acker.held_bytes();
+        if let Some(running) = &self.consumer {
+            let resize = self.window.wanted();
+            let over = self.window.over_budget(held);
+            if resize.is_none() && !over {
+                return Ok(());
+            }
+            if over {
+                log::debug!(
+                    "{held} bytes received and not acknowledged (MAX_INFLIGHT_BYTES {}): consumer stopped until they are",
+                    self.shared.config.max_inflight_bytes
+                );
+            }
+            let tag = ShortString::from(running.tag.as_str());
+            tokio::time::timeout(
+                CANCEL_TIMEOUT,
+                self.consume
+                    .basic_cancel(tag, BasicCancelOptions::default()),
+            )
+            .await
+            .map_err(|_| {
+                lapin::Error::from(std::io::Error::other(
+                    "the broker did not confirm the consumer's cancellation",
+                ))
+            })??;
+            // Deliveries sent before the cancellation are still read from its stream.
+            if let Some(running) = self.consumer.take() {
+                self.draining.push(running.stream);
+            }
+        }
+        if !self.draining.is_empty() {
+            return Ok(());
+        }
+        if let Some(window) = self.window.wanted() {
+            log::debug!(
+                "prefetch window {} -> {window} (messages of about {} bytes; MAX_INFLIGHT_BYTES {})",
+                self.window.current(),
+                self.window.estimate().saturating_sub(OVERHEAD),
+                self.shared.config.max_inflight_bytes
+            );
+            self.window.set(window);
+        }
+        if !self.window.has_room(held) {
+            return Ok(());
+        }
+        self.generation += 1;
+        let tag = format!("{}-{}", self.shared.consumer_tag, self.generation);
+        self.consume
+            .basic_qos(self.window.current(), BasicQosOptions::default())
+            .await?;
+        let stream = self
+            .consume
+            .basic_consume(
+                ShortString::from(self.shared.config.queue.as_str()),
+                ShortString::from(tag.as_str()),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let metrics = &self.shared.metrics;
+        metrics.window_changes.inc();
+        metrics
+            .prefetch_window
+            .set(i64::from(self.window.current()));
+        self.consumer = Some(Running { tag, stream });
+        Ok(())
     }
 
     /// The session is ending: gives the dead letters in flight a moment to be confirmed
@@ -274,7 +406,8 @@ impl Session {
     }
 
     /// Decodes one delivery into the batch, or dead-letters it.
-    async fn accept(&self, delivery: Delivery, batch: &mut Batch) -> Result<(), lapin::Error> {
+    async fn accept(&mut self, delivery: Delivery, batch: &mut Batch) -> Result<(), lapin::Error> {
+        self.window.observe(delivery.data.len());
         let metrics = &self.shared.metrics;
         let Delivery {
             delivery_tag: tag,
@@ -290,7 +423,7 @@ impl Session {
         if redelivered {
             metrics.redelivered.inc();
         }
-        self.acker.received(tag).await;
+        self.acker.received(tag, body.len() as u64 + OVERHEAD).await;
         let origin = Origin {
             exchange,
             routing_key,
@@ -330,15 +463,17 @@ impl Session {
     async fn drain(&mut self, batch: Batch, in_flight: Option<JoinHandle<Outcome>>) -> End {
         let config = &self.shared.config;
         let deadline = Instant::now() + config.shutdown_timeout.saturating_sub(CLOSE_MARGIN);
-        let tag = ShortString::from(self.shared.consumer_tag.as_str());
-        let cancel = self
-            .consume
-            .basic_cancel(tag, BasicCancelOptions::default());
-        if let Err(e) = tokio::time::timeout_at(deadline, cancel)
-            .await
-            .unwrap_or(Ok(()))
-        {
-            log::warn!("could not cancel the consumer: {e}");
+        if let Some(running) = self.consumer.take() {
+            let tag = ShortString::from(running.tag.as_str());
+            let cancel = self
+                .consume
+                .basic_cancel(tag, BasicCancelOptions::default());
+            if let Err(e) = tokio::time::timeout_at(deadline, cancel)
+                .await
+                .unwrap_or(Ok(()))
+            {
+                log::warn!("could not cancel the consumer: {e}");
+            }
         }
         let abort = in_flight.as_ref().map(JoinHandle::abort_handle);
         let pending = batch.len();
@@ -452,6 +587,28 @@ async fn join(in_flight: &mut Option<JoinHandle<Outcome>>) -> Outcome {
                 "commit task failed: {e}"
             )))),
         },
+        None => std::future::pending().await,
+    }
+}
+
+/// A consumer started by the session, with its tag.
+struct Running {
+    tag: String,
+    stream: lapin::Consumer,
+}
+
+/// The next delivery of the running consumer; pending while there is none.
+async fn next_running(running: &mut Option<Running>) -> Option<Result<Delivery, lapin::Error>> {
+    match running {
+        Some(running) => running.stream.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next delivery of the oldest cancelled consumer still draining.
+async fn next_of(draining: &mut [lapin::Consumer]) -> Option<Result<Delivery, lapin::Error>> {
+    match draining.first_mut() {
+        Some(stream) => stream.next().await,
         None => std::future::pending().await,
     }
 }

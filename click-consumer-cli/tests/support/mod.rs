@@ -112,11 +112,12 @@ impl<'a> Stack<'a> {
         self.queue_counts(&self.queue).expect("the queue exists")
     }
 
-    /// Takes every dead letter; returns the count per `x-error-kind`.
+    /// Takes every dead letter; returns the count per `x-error-kind`, and how many copies
+    /// repeat a (non-empty) body that the same consumer (`x-consumer-tag`) copied already.
     pub(crate) fn take_dead_letters(
         &self,
         runtime: &tokio::runtime::Runtime,
-    ) -> BTreeMap<String, u64> {
+    ) -> (BTreeMap<String, u64>, u64) {
         runtime.block_on(async {
             let connection =
                 Connection::connect(&self.rabbitmq.amqp_url(), ConnectionProperties::default())
@@ -124,6 +125,7 @@ impl<'a> Stack<'a> {
                     .expect("connect");
             let channel = connection.create_channel().await.expect("channel");
             let mut kinds = BTreeMap::new();
+            let mut copies: BTreeMap<(Vec<u8>, String), u64> = BTreeMap::new();
             while let Some(message) = channel
                 .basic_get(
                     self.dead_letter_queue().as_str().into(),
@@ -133,20 +135,27 @@ impl<'a> Stack<'a> {
                 .expect("basic.get")
             {
                 let delivery = message.delivery;
-                let kind = delivery
-                    .properties
-                    .headers()
-                    .as_ref()
-                    .and_then(|h| match h.inner().get("x-error-kind") {
-                        Some(AMQPValue::LongString(s)) => Some(s.to_string()),
-                        _ => None,
-                    })
-                    .unwrap_or_else(|| "missing x-error-kind".to_owned());
+                let header =
+                    |name: &str| {
+                        delivery.properties.headers().as_ref().and_then(|h| {
+                            match h.inner().get(name) {
+                                Some(AMQPValue::LongString(s)) => Some(s.to_string()),
+                                _ => None,
+                            }
+                        })
+                    };
+                let kind =
+                    header("x-error-kind").unwrap_or_else(|| "missing x-error-kind".to_owned());
+                let consumer = header("x-consumer-tag").unwrap_or_default();
                 *kinds.entry(kind).or_default() += 1;
+                if !delivery.data.is_empty() {
+                    *copies.entry((delivery.data.clone(), consumer)).or_default() += 1;
+                }
                 delivery.ack(BasicAckOptions::default()).await.expect("ack");
             }
             let _ = connection.close(200, "done".into()).await;
-            kinds
+            let repeated = copies.values().map(|n| n - 1).sum();
+            (kinds, repeated)
         })
     }
 

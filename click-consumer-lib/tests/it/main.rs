@@ -10,6 +10,7 @@ mod dead_letters;
 mod deprecated;
 mod failover;
 mod faults;
+mod flow;
 mod publisher;
 mod schema;
 mod tls;
