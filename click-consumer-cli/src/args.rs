@@ -80,8 +80,8 @@ settings! {
     /// Larger message bodies are dead-lettered unread.
     max_message_bytes: "MAX_MESSAGE_BYTES" = defaults::MAX_MESSAGE_BYTES;
     /// Message bytes received and not yet acknowledged, at most: the prefetch window
-    /// shrinks for large messages.
-    max_inflight_bytes: "MAX_INFLIGHT_BYTES" = defaults::MAX_INFLIGHT_BYTES;
+    /// shrinks for large messages [default: 67108864, or MAX_MESSAGE_BYTES if larger].
+    max_inflight_bytes: "MAX_INFLIGHT_BYTES";
     /// Consumer tag on the broker [default: <hostname>-<pid>].
     consumer_tag: "CONSUMER_TAG";
     /// Longest a shutdown may take (flush, ack, close), in milliseconds.

@@ -14,7 +14,7 @@ use std::{
     collections::BTreeMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
 };
 
@@ -45,6 +45,8 @@ pub(crate) struct Acker {
     outstanding: Arc<Mutex<BTreeMap<u64, u64>>>,
     /// The sum of the outstanding deliveries' bytes, readable without the lock.
     held: Arc<AtomicU64>,
+    /// How many deliveries are outstanding, readable without the lock.
+    count: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
 }
 
@@ -54,6 +56,7 @@ impl Acker {
             channel,
             outstanding: Arc::default(),
             held: Arc::default(),
+            count: Arc::default(),
             metrics,
         }
     }
@@ -65,13 +68,32 @@ impl Acker {
             self.held.fetch_sub(old, Ordering::Relaxed);
         }
         let held = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.count.store(outstanding.len(), Ordering::Relaxed);
         self.metrics.unacked.set(outstanding.len() as i64);
         self.metrics.inflight_bytes.set(held as i64);
     }
 
-    /// The bytes of the deliveries received and not settled.
+    /// The bytes of the deliveries received and not settled, less those set aside.
     pub(crate) fn held_bytes(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// Deliveries received and not settled (set aside ones included).
+    pub(crate) fn outstanding(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Stops counting `tag`'s bytes in [`Acker::held_bytes`]: a dead letter waiting for
+    /// its copy's confirm. During a resource alarm nothing is confirmed until it clears,
+    /// and the byte budget must not stop the valid clicks behind it; how many may wait is
+    /// bounded by the prefetch count instead, as before the budget.
+    pub(crate) async fn set_aside(&self, tag: u64) {
+        let mut outstanding = self.outstanding.lock().await;
+        if let Some(bytes) = outstanding.get_mut(&tag) {
+            let freed = std::mem::take(bytes);
+            let held = self.held.fetch_sub(freed, Ordering::Relaxed) - freed;
+            self.metrics.inflight_bytes.set(held as i64);
+        }
     }
 
     /// Settles `tags` (in any order; unknown ones are skipped). Returns how many were
@@ -100,6 +122,7 @@ impl Acker {
             freed += outstanding.remove(tag).unwrap_or(0);
         }
         let held = self.held.fetch_sub(freed, Ordering::Relaxed) - freed;
+        self.count.store(outstanding.len(), Ordering::Relaxed);
         self.metrics.unacked.set(outstanding.len() as i64);
         self.metrics.inflight_bytes.set(held as i64);
         if settled.len() < tags.len() {

@@ -9,6 +9,10 @@ use crate::endpoints::redact_list;
 use crate::error::{Error, Result};
 use crate::secret::Secret;
 
+/// The largest byte size a setting may have (1 TiB): larger ones are typos, and would
+/// overflow the byte arithmetic.
+const MAX_BYTES_SETTING: usize = 1 << 40;
+
 /// Default values, public so that a command line can show them in its help.
 pub mod defaults {
     /// `RABBITMQ_URL`: the Python service's default.
@@ -181,7 +185,7 @@ pub struct Config {
     pub(crate) batch_max_bytes: usize,
     pub(crate) prefetch: Option<u16>,
     pub(crate) max_message_bytes: usize,
-    pub(crate) max_inflight_bytes: usize,
+    pub(crate) max_inflight_bytes: Option<usize>,
     pub(crate) consumer_tag: Option<String>,
     pub(crate) shutdown_timeout: Duration,
     pub(crate) startup_timeout: Duration,
@@ -220,7 +224,7 @@ impl Default for Config {
             batch_max_bytes: BATCH_MAX_BYTES,
             prefetch: None,
             max_message_bytes: MAX_MESSAGE_BYTES,
-            max_inflight_bytes: MAX_INFLIGHT_BYTES,
+            max_inflight_bytes: None,
             consumer_tag: None,
             shutdown_timeout: Duration::from_millis(SHUTDOWN_TIMEOUT_MS),
             startup_timeout: Duration::from_millis(STARTUP_TIMEOUT_MS),
@@ -257,7 +261,7 @@ impl fmt::Debug for Config {
             .field("batch_max_bytes", &self.batch_max_bytes)
             .field("prefetch", &self.prefetch())
             .field("max_message_bytes", &self.max_message_bytes)
-            .field("max_inflight_bytes", &self.max_inflight_bytes)
+            .field("max_inflight_bytes", &self.max_inflight_bytes())
             .field("consumer_tag", &self.consumer_tag)
             .field("shutdown_timeout", &self.shutdown_timeout)
             .field("startup_timeout", &self.startup_timeout)
@@ -333,10 +337,6 @@ impl Config {
     builder!(
         /// `MAX_MESSAGE_BYTES`: bodies above this are dead-lettered without being parsed.
         with_max_message_bytes, max_message_bytes: usize);
-    builder!(
-        /// `MAX_INFLIGHT_BYTES`: message bytes received and not yet acknowledged, at most
-        /// (about; see the README). At least `MAX_MESSAGE_BYTES`.
-        with_max_inflight_bytes, max_inflight_bytes: usize);
     builder!(
         /// `SHUTDOWN_TIMEOUT_MS`: how long a shutdown may take to flush and close.
         with_shutdown_timeout, shutdown_timeout: Duration);
@@ -465,6 +465,20 @@ impl Config {
         })
     }
 
+    /// `MAX_INFLIGHT_BYTES`: bytes of the messages received and not yet acknowledged, about
+    /// at most (see the README); the prefetch window shrinks for large messages. At least
+    /// `MAX_MESSAGE_BYTES`. Default: 64 MiB, or `MAX_MESSAGE_BYTES` if that is larger.
+    pub fn with_max_inflight_bytes(mut self, bytes: usize) -> Self {
+        self.max_inflight_bytes = Some(bytes);
+        self
+    }
+
+    /// The in-flight byte budget in effect.
+    pub fn max_inflight_bytes(&self) -> usize {
+        self.max_inflight_bytes
+            .unwrap_or(defaults::MAX_INFLIGHT_BYTES.max(self.max_message_bytes))
+    }
+
     /// The prefetch count in effect.
     pub fn prefetch(&self) -> u16 {
         self.prefetch
@@ -576,13 +590,26 @@ impl Config {
         if self.max_message_bytes == 0 {
             return Err(Error::setting("MAX_MESSAGE_BYTES", "must be at least 1"));
         }
-        if self.max_inflight_bytes < self.max_message_bytes {
+        if self.max_message_bytes > MAX_BYTES_SETTING {
+            return Err(Error::setting(
+                "MAX_MESSAGE_BYTES",
+                format!("must be at most {MAX_BYTES_SETTING}"),
+            ));
+        }
+        if self.max_inflight_bytes() < self.max_message_bytes {
             return Err(Error::setting(
                 "MAX_INFLIGHT_BYTES",
                 format!(
                     "must be at least MAX_MESSAGE_BYTES ({}), got {}",
-                    self.max_message_bytes, self.max_inflight_bytes
+                    self.max_message_bytes,
+                    self.max_inflight_bytes()
                 ),
+            ));
+        }
+        if self.max_inflight_bytes() > MAX_BYTES_SETTING {
+            return Err(Error::setting(
+                "MAX_INFLIGHT_BYTES",
+                format!("must be at most {MAX_BYTES_SETTING}"),
             ));
         }
         if let Some(tag) = &self.consumer_tag {
@@ -635,7 +662,9 @@ impl Config {
             c.prefetch = Some(parse("PREFETCH_COUNT", &prefetch)?);
         }
         env.parse("MAX_MESSAGE_BYTES", &mut c.max_message_bytes)?;
-        env.parse("MAX_INFLIGHT_BYTES", &mut c.max_inflight_bytes)?;
+        if let Some(bytes) = env.get("MAX_INFLIGHT_BYTES") {
+            c.max_inflight_bytes = Some(parse("MAX_INFLIGHT_BYTES", &bytes)?);
+        }
         c.consumer_tag = env.get("CONSUMER_TAG");
         env.millis("SHUTDOWN_TIMEOUT_MS", &mut c.shutdown_timeout)?;
         env.millis("STARTUP_TIMEOUT_MS", &mut c.startup_timeout)?;

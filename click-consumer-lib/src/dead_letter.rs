@@ -120,6 +120,9 @@ struct OutboxState {
     refused: CancellationToken,
     /// Cancelled when the session ends: the outbox stops where it is.
     stop: CancellationToken,
+    /// Cancelled when the outbox task has ended (stopped, or the consuming channel is
+    /// gone): the copies still pending will never be settled by it.
+    ended: CancellationToken,
 }
 
 #[derive(Debug)]
@@ -165,11 +168,13 @@ impl DeadLetters {
                     state: state.clone(),
                 };
                 let stop = state.stop.clone();
+                let ended = state.ended.clone();
                 tokio::spawn(async move {
                     tokio::select! {
                         () = stop.cancelled() => {}
                         () = outbox.run() => {}
                     }
+                    ended.cancel();
                 });
                 Some(sender)
             }
@@ -214,6 +219,7 @@ impl DeadLetters {
             kind: reason.kind(),
             body,
         };
+        self.acker.set_aside(tag).await;
         self.state.pending.fetch_add(1, Ordering::SeqCst);
         outbox.send(copy).map_err(|_| {
             self.state.pending.fetch_sub(1, Ordering::SeqCst);
@@ -226,14 +232,18 @@ impl DeadLetters {
         self.state.pending.load(Ordering::SeqCst)
     }
 
-    /// Completes once every copy handed over is settled.
+    /// Completes once every copy handed over is settled, or the outbox has ended (what
+    /// it left pending returns to the queue with the channel).
     pub(crate) async fn idle(&self) {
         loop {
             let notified = self.state.idle.notified();
-            if self.pending() == 0 {
+            if self.pending() == 0 || self.state.ended.is_cancelled() {
                 return;
             }
-            notified.await;
+            tokio::select! {
+                () = notified => {}
+                () = self.state.ended.cancelled() => return,
+            }
         }
     }
 
@@ -253,7 +263,7 @@ impl DeadLetters {
                 .await
                 .is_ok()
             {
-                return true;
+                return self.pending() == 0;
             }
         }
     }

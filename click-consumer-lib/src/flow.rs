@@ -11,8 +11,8 @@
 //! - it starts as if every message had `MAX_MESSAGE_BYTES` (the worst case), and moves to
 //!   the sizes seen once a few messages are in;
 //! - it shrinks as soon as the mean size of the recent messages no longer fits, and grows
-//!   back when it would at least double (or reach `PREFETCH_COUNT`), so a steady stream
-//!   never restarts its consumer;
+//!   back when it would at least double (or reach `PREFETCH_COUNT`), so a stream whose
+//!   mean size is steady keeps its consumer;
 //! - whatever the estimate, the consumer is stopped while the bytes held exceed the budget
 //!   by a quarter (a burst of messages much larger than the recent ones), and started again
 //!   once the window fits beside what is still held.
@@ -43,8 +43,8 @@ pub(crate) struct Window {
     measured: bool,
     sum: u64,
     count: u32,
-    /// The largest message (overhead included) of the last full bucket and the current one.
-    largest: [u64; 2],
+    /// The last `FEW` messages' sizes (overhead included), a ring.
+    last: [u64; FEW as usize],
     /// Messages seen since the window last shrank: it grows again only after a bucket's
     /// worth, so that the mean has caught up with the new sizes.
     since_shrink: u32,
@@ -57,12 +57,12 @@ impl Window {
             budget: budget as u64,
             cap: cap.max(1),
             current: 0,
-            previous: max_message as u64 + OVERHEAD,
+            previous: (max_message as u64).saturating_add(OVERHEAD),
             measured: false,
             sum: 0,
             count: 0,
-            largest: [0; 2],
             since_shrink: BUCKET,
+            last: [0; FEW as usize],
         };
         window.current = window.fit(window.previous);
         window
@@ -75,17 +75,16 @@ impl Window {
 
     /// Counts a message of `bytes` (its body).
     pub(crate) fn observe(&mut self, bytes: usize) {
-        let bytes = bytes as u64 + OVERHEAD;
+        let bytes = (bytes as u64).saturating_add(OVERHEAD);
+        self.last[(self.since_shrink % FEW) as usize] = bytes;
         self.sum += bytes;
         self.count += 1;
         self.since_shrink = self.since_shrink.saturating_add(1);
-        self.largest[1] = self.largest[1].max(bytes);
         if self.count >= BUCKET {
             self.previous = self.sum / u64::from(self.count);
             self.measured = true;
             self.sum = 0;
             self.count = 0;
-            self.largest = [self.largest[1], 0];
         }
     }
 
@@ -110,21 +109,24 @@ impl Window {
 
     /// The new window if the sizes seen call for one: smaller as soon as the current one
     /// overshoots the budget by an eighth, larger once it would at least double or reach
-    /// the cap.
+    /// the cap, and not before a bucket's worth of messages (or a window's, if smaller)
+    /// since the last shrink, so that the mean has caught up with the new sizes.
     ///
-    /// A shrink plans for the largest recent message, not the mean: the mean of a bucket
-    /// that mixes the old sizes with the new ones lags behind, and would shrink the window
-    /// step by step, restarting the consumer each time. Growth follows the mean.
+    /// Whether to shrink follows the mean size, so a lone large message among small ones
+    /// moves the window little. How far follows the last few messages too: the mean of a
+    /// bucket that mixes the old sizes with new, larger ones lags behind, and would shrink
+    /// the window step by step, restarting the consumer each time.
     pub(crate) fn wanted(&self) -> Option<u16> {
         let target = self.fit(self.estimate());
         let current = u32::from(self.current);
         if u32::from(target) * 8 < current * 7 {
-            let largest = self.largest[0].max(self.largest[1]);
-            return Some(self.fit(self.estimate().max(largest)));
+            let recent = self.last.iter().sum::<u64>() / u64::from(FEW);
+            return Some(self.fit(self.estimate().max(recent)));
         }
+        let settled = self.since_shrink >= BUCKET.min(current);
         let grow = target > self.current
             && (u32::from(target) >= 2 * current || target == self.cap)
-            && self.since_shrink >= BUCKET;
+            && settled;
         grow.then_some(target)
     }
 
@@ -137,16 +139,22 @@ impl Window {
         self.current = window;
     }
 
+    /// The budget and a quarter: what the bytes held may reach before the consumer stops.
+    fn slack(&self) -> u64 {
+        self.budget.saturating_add(self.budget / 4)
+    }
+
     /// Whether `held` bytes exceed the budget by more than a quarter: the consumer must
     /// stop until they are acknowledged.
     pub(crate) fn over_budget(&self, held: u64) -> bool {
-        held > self.budget + self.budget / 4
+        held > self.slack()
     }
 
     /// Whether a consumer with the current window may start beside `held` bytes.
     pub(crate) fn has_room(&self, held: u64) -> bool {
         held == 0
-            || held + u64::from(self.current) * self.estimate() <= self.budget + self.budget / 4
+            || held.saturating_add(u64::from(self.current).saturating_mul(self.estimate()))
+                <= self.slack()
     }
 }
 
@@ -216,24 +224,42 @@ mod tests {
     }
 
     #[test]
-    fn a_jump_in_size_shrinks_the_window_in_one_step() {
+    fn a_burst_of_large_messages_shrinks_the_window_and_it_grows_back_after() {
         let mut window = Window::new(64 * MIB, 20_000, MIB);
         observe(&mut window, 300, 64 + 16);
         window.set(window.wanted().unwrap());
-        // Two 700 KB messages among small ones move the mean enough to shrink: the window
-        // goes straight to what fits the large ones.
-        observe(&mut window, 700_000, 2);
-        assert_eq!(window.wanted(), Some(95));
-        window.set(95);
-        // The mean lags behind (small messages are still in it), but the window does not
-        // grow back while the large messages go on.
+        // The mean follows the burst: the window shrinks, in a few steps at most.
+        let mut steps = 0;
         for _ in 0..200 {
             window.observe(700_000);
-            assert_eq!(window.wanted(), None);
+            if let Some(smaller) = window.wanted() {
+                assert!(smaller < window.current(), "no growth during the burst");
+                window.set(smaller);
+                steps += 1;
+            }
         }
+        assert!((1..=4).contains(&steps), "{steps} steps");
+        assert_eq!(window.current(), 95);
         // Small messages again: within two buckets the mean is theirs.
         observe(&mut window, 300, 128);
         assert_eq!(window.wanted(), Some(20_000));
+    }
+
+    #[test]
+    fn a_lone_large_message_costs_a_few_restarts_at_most() {
+        let mut window = Window::new(64 * MIB, 20_000, MIB);
+        observe(&mut window, 300, 64);
+        window.set(window.wanted().unwrap());
+        let mut restarts = 0;
+        for i in 0..2_000 {
+            window.observe(if i == 500 { MIB } else { 300 });
+            if let Some(next) = window.wanted() {
+                window.set(next);
+                restarts += 1;
+            }
+        }
+        assert!(restarts <= 4, "{restarts} restarts");
+        assert_eq!(window.current(), 20_000);
     }
 
     #[test]

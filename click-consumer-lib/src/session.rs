@@ -31,8 +31,9 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
 /// How often a consumer stopped for the byte budget looks again at what is held.
 const PAUSE_CHECK: Duration = Duration::from_millis(20);
 
-/// Longest wait for the broker to confirm a consumer's cancellation.
-const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the broker to answer a consumer restart's `basic.cancel`,
+/// `basic.qos` or `basic.consume` (well below the shutdown timeout).
+const RESTART_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -137,7 +138,7 @@ impl Session {
                 other => OpenError::Fatal(other),
             })?;
         let window = Window::new(
-            config.max_inflight_bytes,
+            config.max_inflight_bytes(),
             config.prefetch(),
             config.max_message_bytes,
         );
@@ -219,18 +220,27 @@ impl Session {
         // while the previous one is being written.
         let batch_bytes = config
             .batch_max_bytes
-            .min(config.max_inflight_bytes / 2)
+            .min(config.max_inflight_bytes() / 2)
             .max(1);
         let end = loop {
-            if let Err(e) = self.steer().await {
+            let steered = tokio::select! {
+                biased;
+                // A shutdown is not held up by a consumer restart: the loop drains.
+                () = stop.cancelled() => Ok(()),
+                steered = self.steer() => steered,
+            };
+            if let Err(e) = steered {
                 break End::BrokerLost(e.to_string());
             }
             // Stopped for the byte budget: what is buffered must be written to free it.
             let paused = self.consumer.is_none() && self.draining.is_empty();
             let deadline = batch.deadline(config.batch_timeout);
             let full = batch.is_full(config.batch_size, batch_bytes);
+            // The broker sends nothing more once the window is used up: write what is
+            // buffered rather than wait for the batch timeout.
+            let window_used = self.acker.outstanding() >= usize::from(self.window.current());
             let due = full
-                || (paused && !batch.is_empty())
+                || ((paused || window_used) && !batch.is_empty())
                 || deadline.is_some_and(|d| d <= Instant::now());
             if in_flight.is_none() && due {
                 let full = std::mem::replace(&mut batch, recycler.batch(config.batch_size));
@@ -294,12 +304,21 @@ impl Session {
                 },
             }
         };
+        let mut end = end;
         if let Some(mut task) = in_flight {
             // The channel still works when only the topology must be declared again:
-            // let the commit in flight finish rather than store its batch twice.
+            // let the commit in flight finish rather than store its batch twice, and keep
+            // what it says if it is worse than a redeclaration (a fatal error, a lost
+            // broker, ClickHouse down).
             let finish = Duration::from_secs(if matches!(end, End::Redeclare) { 10 } else { 0 });
-            if tokio::time::timeout(finish, &mut task).await.is_err() {
-                task.abort();
+            match tokio::time::timeout(finish, &mut task).await {
+                Ok(Ok(Outcome::Committed)) | Ok(Err(_)) => {}
+                Ok(Ok(outcome)) => {
+                    if matches!(end, End::Redeclare) {
+                        end = end_of(outcome);
+                    }
+                }
+                Err(_) => task.abort(),
             }
         }
         self.settle_dead_letters().await;
@@ -321,21 +340,17 @@ impl Session {
             if over {
                 log::debug!(
                     "{held} bytes received and not acknowledged (MAX_INFLIGHT_BYTES {}): consumer stopped until they are",
-                    self.shared.config.max_inflight_bytes
+                    self.shared.config.max_inflight_bytes()
                 );
+                self.shared.metrics.prefetch_window.set(0);
             }
             let tag = ShortString::from(running.tag.as_str());
-            tokio::time::timeout(
-                CANCEL_TIMEOUT,
+            answered(
+                "basic.cancel",
                 self.consume
                     .basic_cancel(tag, BasicCancelOptions::default()),
             )
-            .await
-            .map_err(|_| {
-                lapin::Error::from(std::io::Error::other(
-                    "the broker did not confirm the consumer's cancellation",
-                ))
-            })??;
+            .await?;
             // Deliveries sent before the cancellation are still read from its stream.
             if let Some(running) = self.consumer.take() {
                 self.draining.push(running.stream);
@@ -349,30 +364,34 @@ impl Session {
                 "prefetch window {} -> {window} (messages of about {} bytes; MAX_INFLIGHT_BYTES {})",
                 self.window.current(),
                 self.window.estimate().saturating_sub(OVERHEAD),
-                self.shared.config.max_inflight_bytes
+                self.shared.config.max_inflight_bytes()
             );
             self.window.set(window);
+            self.shared.metrics.window_changes.inc();
         }
         if !self.window.has_room(held) {
             return Ok(());
         }
         self.generation += 1;
-        let tag = format!("{}-{}", self.shared.consumer_tag, self.generation);
-        self.consume
-            .basic_qos(self.window.current(), BasicQosOptions::default())
-            .await?;
-        let stream = self
-            .consume
-            .basic_consume(
+        let tag = restart_tag(&self.shared.consumer_tag, self.generation);
+        answered(
+            "basic.qos",
+            self.consume
+                .basic_qos(self.window.current(), BasicQosOptions::default()),
+        )
+        .await?;
+        let stream = answered(
+            "basic.consume",
+            self.consume.basic_consume(
                 ShortString::from(self.shared.config.queue.as_str()),
                 ShortString::from(tag.as_str()),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await?;
-        let metrics = &self.shared.metrics;
-        metrics.window_changes.inc();
-        metrics
+            ),
+        )
+        .await?;
+        self.shared
+            .metrics
             .prefetch_window
             .set(i64::from(self.window.current()));
         self.consumer = Some(Running { tag, stream });
@@ -591,6 +610,33 @@ async fn join(in_flight: &mut Option<JoinHandle<Outcome>>) -> Outcome {
     }
 }
 
+/// The tag of the session's `generation`-th consumer: `<tag>-<generation>`, the base
+/// shortened (on a character boundary) so that it stays an AMQP short string.
+fn restart_tag(base: &str, generation: u32) -> String {
+    let suffix = format!("-{generation}");
+    let mut end = base.len().min(255 - suffix.len());
+    while !base.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{suffix}", &base[..end])
+}
+
+/// `rpc`'s result, or an error naming it if the broker does not answer within
+/// [`RESTART_TIMEOUT`].
+async fn answered<T>(
+    rpc: &str,
+    call: impl Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, lapin::Error> {
+    tokio::time::timeout(RESTART_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(std::io::Error::other(format!(
+                "RabbitMQ did not answer {rpc} within {RESTART_TIMEOUT:?}"
+            ))
+            .into())
+        })
+}
+
 /// A consumer started by the session, with its tag.
 struct Running {
     tag: String,
@@ -618,5 +664,19 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::restart_tag;
+
+    #[test]
+    fn restart_tags_stay_short_strings() {
+        assert_eq!(restart_tag("host-42", 2), "host-42-2");
+        let long = "é".repeat(127); // 254 bytes
+        let tag = restart_tag(&long, 12);
+        assert!(tag.len() <= 255, "{}", tag.len());
+        assert!(tag.ends_with("-12"));
     }
 }
