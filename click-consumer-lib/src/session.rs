@@ -236,9 +236,11 @@ impl Session {
             let paused = self.consumer.is_none() && self.draining.is_empty();
             let deadline = batch.deadline(config.batch_timeout);
             let full = batch.is_full(config.batch_size, batch_bytes);
-            // The broker sends nothing more once the window is used up: write what is
-            // buffered rather than wait for the batch timeout.
-            let window_used = self.acker.outstanding() >= usize::from(self.window.current());
+            // The broker sends nothing more once the running consumer's window is used
+            // up: write what is buffered rather than wait for the batch timeout. (Not
+            // while a consumer is being restarted: its successor brings more.)
+            let window_used = self.consumer.is_some()
+                && self.acker.outstanding() >= usize::from(self.window.current());
             let due = full
                 || ((paused || window_used) && !batch.is_empty())
                 || deadline.is_some_and(|d| d <= Instant::now());
