@@ -207,11 +207,12 @@ impl Consumer {
                 Some(_) => log::info!("consuming from `{}` again", config.queue),
                 None => {
                     log::info!(
-                        "consuming from `{}` on RabbitMQ node {} as `{}` (prefetch {}, batches of {} rows or {:?})",
+                        "consuming from `{}` on RabbitMQ node {} as `{}` (prefetch up to {}, in-flight bytes up to {}, batches of {} rows or {:?})",
                         config.queue,
                         self.shared.brokers.in_use().1,
                         self.shared.consumer_tag,
                         config.prefetch(),
+                        config.max_inflight_bytes(),
                         config.batch_size,
                         config.batch_timeout
                     );
