@@ -97,7 +97,7 @@ async fn the_window_follows_message_sizes_and_normal_clicks_get_the_whole_prefet
 async fn on_a_quorum_queue_consumer_restarts_lose_and_duplicate_nothing() {
     // A restart cancels a consumer with deliveries in flight. A quorum queue can return
     // the ones it had sent but the consumer had not received yet (seen: 1 in this test on
-    // RabbitMQ 3.10): they come back flagged redelivered, and count once towards the
+    // RabbitMQ 3.10.8 and 4.0.5): they come back flagged redelivered, and count once towards the
     // delivery limit, but reach the consumer once.
     sizes_back_and_forth("flow_quorum", QueueType::Quorum).await;
 }
