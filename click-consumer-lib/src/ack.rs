@@ -42,9 +42,12 @@ pub(crate) enum Settle {
 #[derive(Debug, Clone)]
 pub(crate) struct Acker {
     channel: Channel,
-    outstanding: Arc<Mutex<BTreeMap<u64, u64>>>,
+    outstanding: Arc<Mutex<BTreeMap<u64, Held>>>,
     /// The sum of the outstanding deliveries' bytes, readable without the lock.
     held: Arc<AtomicU64>,
+    /// The bytes of the outstanding deliveries set aside (dead letters waiting for their
+    /// copy's confirm).
+    aside: Arc<AtomicU64>,
     /// How many deliveries are outstanding, readable without the lock.
     count: Arc<AtomicUsize>,
     metrics: Arc<Metrics>,
@@ -56,6 +59,7 @@ impl Acker {
             channel,
             outstanding: Arc::default(),
             held: Arc::default(),
+            aside: Arc::default(),
             count: Arc::default(),
             metrics,
         }
@@ -64,8 +68,14 @@ impl Acker {
     /// Records a delivery holding `bytes` until it is settled.
     pub(crate) async fn received(&self, tag: u64, bytes: u64) {
         let mut outstanding = self.outstanding.lock().await;
-        if let Some(old) = outstanding.insert(tag, bytes) {
-            self.held.fetch_sub(old, Ordering::Relaxed);
+        if let Some(old) = outstanding.insert(
+            tag,
+            Held {
+                bytes,
+                aside: false,
+            },
+        ) {
+            self.forget(old);
         }
         let held = self.held.fetch_add(bytes, Ordering::Relaxed) + bytes;
         self.count.store(outstanding.len(), Ordering::Relaxed);
@@ -78,21 +88,36 @@ impl Acker {
         self.held.load(Ordering::Relaxed)
     }
 
+    /// The bytes of the deliveries set aside and not settled.
+    pub(crate) fn aside_bytes(&self) -> u64 {
+        self.aside.load(Ordering::Relaxed)
+    }
+
+    /// Removes a settled delivery's bytes from the sums.
+    fn forget(&self, held: Held) {
+        let sum = if held.aside { &self.aside } else { &self.held };
+        sum.fetch_sub(held.bytes, Ordering::Relaxed);
+    }
+
     /// Deliveries received and not settled (set aside ones included).
     pub(crate) fn outstanding(&self) -> usize {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Stops counting `tag`'s bytes in [`Acker::held_bytes`]: a dead letter waiting for
-    /// its copy's confirm. During a resource alarm nothing is confirmed until it clears,
-    /// and the byte budget must not stop the valid clicks behind it; how many may wait is
-    /// bounded by the prefetch count instead, as before the budget.
+    /// Moves `tag`'s bytes from [`Acker::held_bytes`] to [`Acker::aside_bytes`]: a dead
+    /// letter waiting for its copy's confirm. During a resource alarm nothing is confirmed
+    /// until it clears; the budget has a separate, larger allowance for these, so that the
+    /// valid clicks behind them keep flowing for a while.
     pub(crate) async fn set_aside(&self, tag: u64) {
         let mut outstanding = self.outstanding.lock().await;
-        if let Some(bytes) = outstanding.get_mut(&tag) {
-            let freed = std::mem::take(bytes);
-            let held = self.held.fetch_sub(freed, Ordering::Relaxed) - freed;
-            self.metrics.inflight_bytes.set(held as i64);
+        if let Some(held) = outstanding.get_mut(&tag)
+            && !held.aside
+        {
+            held.aside = true;
+            let bytes = held.bytes;
+            let left = self.held.fetch_sub(bytes, Ordering::Relaxed) - bytes;
+            self.aside.fetch_add(bytes, Ordering::Relaxed);
+            self.metrics.inflight_bytes.set(left as i64);
         }
     }
 
@@ -117,11 +142,12 @@ impl Acker {
     async fn settle_now(&self, tags: &[u64], how: Settle) -> Result<usize, lapin::Error> {
         let mut outstanding = self.outstanding.lock().await;
         let (frames, settled) = plan(&outstanding, tags);
-        let mut freed = 0;
         for tag in &settled {
-            freed += outstanding.remove(tag).unwrap_or(0);
+            if let Some(held) = outstanding.remove(tag) {
+                self.forget(held);
+            }
         }
-        let held = self.held.fetch_sub(freed, Ordering::Relaxed) - freed;
+        let held = self.held.load(Ordering::Relaxed);
         self.count.store(outstanding.len(), Ordering::Relaxed);
         self.metrics.unacked.set(outstanding.len() as i64);
         self.metrics.inflight_bytes.set(held as i64);
@@ -169,6 +195,14 @@ impl Acker {
     }
 }
 
+/// What an outstanding delivery holds.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    bytes: u64,
+    /// A dead letter waiting for its copy's confirm.
+    aside: bool,
+}
+
 /// One settle frame: `tag` alone, or every outstanding tag up to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Frame {
@@ -180,7 +214,7 @@ struct Frame {
 ///
 /// The outstanding tags below the first one that is not being settled form a prefix
 /// settled by one `multiple` frame; every wanted tag above that hole is settled alone.
-fn plan(outstanding: &BTreeMap<u64, u64>, tags: &[u64]) -> (Vec<Frame>, Vec<u64>) {
+fn plan<V>(outstanding: &BTreeMap<u64, V>, tags: &[u64]) -> (Vec<Frame>, Vec<u64>) {
     let mut wanted: Vec<u64> = tags
         .iter()
         .copied()

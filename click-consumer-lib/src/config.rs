@@ -11,7 +11,7 @@ use crate::secret::Secret;
 
 /// The largest byte size a setting may have (1 TiB): larger ones are typos, and would
 /// overflow the byte arithmetic.
-const MAX_BYTES_SETTING: usize = 1 << 40;
+const MAX_BYTES_SETTING: u64 = 1 << 40;
 
 /// Default values, public so that a command line can show them in its help.
 pub mod defaults {
@@ -590,7 +590,7 @@ impl Config {
         if self.max_message_bytes == 0 {
             return Err(Error::setting("MAX_MESSAGE_BYTES", "must be at least 1"));
         }
-        if self.max_message_bytes > MAX_BYTES_SETTING {
+        if self.max_message_bytes as u64 > MAX_BYTES_SETTING {
             return Err(Error::setting(
                 "MAX_MESSAGE_BYTES",
                 format!("must be at most {MAX_BYTES_SETTING}"),
@@ -606,7 +606,7 @@ impl Config {
                 ),
             ));
         }
-        if self.max_inflight_bytes() > MAX_BYTES_SETTING {
+        if self.max_inflight_bytes() as u64 > MAX_BYTES_SETTING {
             return Err(Error::setting(
                 "MAX_INFLIGHT_BYTES",
                 format!("must be at most {MAX_BYTES_SETTING}"),

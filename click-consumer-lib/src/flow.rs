@@ -43,8 +43,9 @@ pub(crate) struct Window {
     measured: bool,
     sum: u64,
     count: u32,
-    /// The last `FEW` messages' sizes (overhead included), a ring.
+    /// The last `FEW` messages' sizes (overhead included), a ring, and where the next goes.
     last: [u64; FEW as usize],
+    next: usize,
     /// Messages seen since the window last shrank: it grows again only after a bucket's
     /// worth, so that the mean has caught up with the new sizes.
     since_shrink: u32,
@@ -63,6 +64,7 @@ impl Window {
             count: 0,
             since_shrink: BUCKET,
             last: [0; FEW as usize],
+            next: 0,
         };
         window.current = window.fit(window.previous);
         window
@@ -76,7 +78,8 @@ impl Window {
     /// Counts a message of `bytes` (its body).
     pub(crate) fn observe(&mut self, bytes: usize) {
         let bytes = (bytes as u64).saturating_add(OVERHEAD);
-        self.last[(self.since_shrink % FEW) as usize] = bytes;
+        self.last[self.next] = bytes;
+        self.next = (self.next + 1) % self.last.len();
         self.sum += bytes;
         self.count += 1;
         self.since_shrink = self.since_shrink.saturating_add(1);
@@ -144,17 +147,29 @@ impl Window {
         self.budget.saturating_add(self.budget / 4)
     }
 
-    /// Whether `held` bytes exceed the budget by more than a quarter: the consumer must
-    /// stop until they are acknowledged.
-    pub(crate) fn over_budget(&self, held: u64) -> bool {
-        held > self.slack()
+    /// Twice the budget: what the bytes held and set aside together may reach.
+    fn ceiling(&self) -> u64 {
+        self.budget.saturating_mul(2)
     }
 
-    /// Whether a consumer with the current window may start beside `held` bytes.
-    pub(crate) fn has_room(&self, held: u64) -> bool {
-        held == 0
-            || held.saturating_add(u64::from(self.current).saturating_mul(self.estimate()))
-                <= self.slack()
+    /// Whether the consumer must stop until bytes are acknowledged: `held` exceeds the
+    /// budget by more than a quarter, or with the dead letters set aside (`aside`: they
+    /// wait for their copy's confirm, which a resource alarm holds up) reaches twice the
+    /// budget. So during an alarm the valid clicks keep flowing until the waiting dead
+    /// letters fill the budget; then memory wins, and the consumer waits for the alarm.
+    pub(crate) fn over_budget(&self, held: u64, aside: u64) -> bool {
+        held > self.slack() || held.saturating_add(aside) > self.ceiling()
+    }
+
+    /// Whether a consumer with the current window may start beside `held` bytes and the
+    /// dead letters set aside.
+    pub(crate) fn has_room(&self, held: u64, aside: u64) -> bool {
+        let window = u64::from(self.current).saturating_mul(self.estimate());
+        if held == 0 && aside == 0 {
+            return true;
+        }
+        held.saturating_add(window) <= self.slack()
+            && held.saturating_add(aside).saturating_add(window) <= self.ceiling()
     }
 }
 
@@ -267,12 +282,19 @@ mod tests {
         let mut window = Window::new(64 * MIB, 20_000, MIB);
         observe(&mut window, 1000, 64);
         window.set(window.wanted().unwrap());
-        assert!(!window.over_budget(64 * MIB as u64));
-        assert!(window.over_budget(81 * MIB as u64));
-        assert!(window.has_room(0));
+        let mib = MIB as u64;
+        assert!(!window.over_budget(64 * mib, 0));
+        assert!(window.over_budget(81 * mib, 0));
+        assert!(window.has_room(0, 0));
         // 20,000 x 1.5 KB = 30 MB fits beside 40 MiB held (within the quarter's slack).
-        assert!(window.has_room(40 * MIB as u64));
-        assert!(!window.has_room(60 * MIB as u64));
+        assert!(window.has_room(40 * mib, 0));
+        assert!(!window.has_room(60 * mib, 0));
+        // Dead letters waiting for confirms have an allowance of their own, up to twice
+        // the budget with what is held.
+        assert!(!window.over_budget(10 * mib, 100 * mib));
+        assert!(window.has_room(10 * mib, 60 * mib));
+        assert!(window.over_budget(10 * mib, 120 * mib));
+        assert!(!window.has_room(0, 120 * mib));
     }
 
     #[test]

@@ -32,8 +32,10 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
 const PAUSE_CHECK: Duration = Duration::from_millis(20);
 
 /// Longest wait for the broker to answer a consumer restart's `basic.cancel`,
-/// `basic.qos` or `basic.consume` (well below the shutdown timeout).
-const RESTART_TIMEOUT: Duration = Duration::from_secs(5);
+/// `basic.qos` or `basic.consume`: a backstop for a broker that hangs without the
+/// heartbeat noticing (a slow answer is not a lost broker: a quorum queue electing a
+/// leader takes seconds). A shutdown does not wait for it.
+const RESTART_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -106,6 +108,9 @@ pub(crate) struct Session {
     window: Window,
     /// Consumers started so far in this session (each restart gets a new tag).
     generation: u32,
+    /// The tag of a consumer whose `basic.consume` was sent and not answered yet: a
+    /// shutdown that interrupts the restart cancels it too.
+    starting: Option<String>,
     acker: Acker,
     dead_letters: DeadLetters,
     committer: Committer,
@@ -198,6 +203,7 @@ impl Session {
             draining: Vec::new(),
             window,
             generation: 1,
+            starting: None,
             acker,
             dead_letters,
             committer,
@@ -222,6 +228,7 @@ impl Session {
             .batch_max_bytes
             .min(config.max_inflight_bytes() / 2)
             .max(1);
+        let mut restart_failed = false;
         let end = loop {
             let steered = tokio::select! {
                 biased;
@@ -230,7 +237,8 @@ impl Session {
                 steered = self.steer() => steered,
             };
             if let Err(e) = steered {
-                break End::BrokerLost(e.to_string());
+                restart_failed = true;
+                break End::BrokerLost(format!("restarting the consumer failed: {e}"));
             }
             // Stopped for the byte budget: what is buffered must be written to free it.
             let paused = self.consumer.is_none() && self.draining.is_empty();
@@ -312,7 +320,17 @@ impl Session {
             // let the commit in flight finish rather than store its batch twice, and keep
             // what it says if it is worse than a redeclaration (a fatal error, a lost
             // broker, ClickHouse down).
-            let finish = Duration::from_secs(if matches!(end, End::Redeclare) { 10 } else { 0 });
+            // So may it when a consumer restart failed. The wait stays within the
+            // shutdown timeout, should a shutdown come meanwhile.
+            let finish = if matches!(end, End::Redeclare) || restart_failed {
+                Duration::from_secs(10).min(
+                    config
+                        .shutdown_timeout
+                        .saturating_sub(CLOSE_MARGIN + Duration::from_secs(2)),
+                )
+            } else {
+                Duration::ZERO
+            };
             match tokio::time::timeout(finish, &mut task).await {
                 Ok(Ok(Outcome::Committed)) | Ok(Err(_)) => {}
                 Ok(Ok(outcome)) => {
@@ -333,15 +351,16 @@ impl Session {
     /// held, and starts it again once its window fits beside what is still held.
     async fn steer(&mut self) -> Result<(), lapin::Error> {
         let held = self.acker.held_bytes();
+        let aside = self.acker.aside_bytes();
         if let Some(running) = &self.consumer {
             let resize = self.window.wanted();
-            let over = self.window.over_budget(held);
+            let over = self.window.over_budget(held, aside);
             if resize.is_none() && !over {
                 return Ok(());
             }
             if over {
                 log::debug!(
-                    "{held} bytes received and not acknowledged (MAX_INFLIGHT_BYTES {}): consumer stopped until they are",
+                    "{held} bytes received and not acknowledged, {aside} more in dead letters waiting for confirms (MAX_INFLIGHT_BYTES {}): consumer stopped until they are",
                     self.shared.config.max_inflight_bytes()
                 );
                 self.shared.metrics.prefetch_window.set(0);
@@ -371,11 +390,12 @@ impl Session {
             self.window.set(window);
             self.shared.metrics.window_changes.inc();
         }
-        if !self.window.has_room(held) {
+        if !self.window.has_room(held, aside) {
             return Ok(());
         }
         self.generation += 1;
         let tag = restart_tag(&self.shared.consumer_tag, self.generation);
+        self.starting = Some(tag.clone());
         answered(
             "basic.qos",
             self.consume
@@ -396,6 +416,7 @@ impl Session {
             .metrics
             .prefetch_window
             .set(i64::from(self.window.current()));
+        self.starting = None;
         self.consumer = Some(Running { tag, stream });
         Ok(())
     }
@@ -484,11 +505,13 @@ impl Session {
     async fn drain(&mut self, batch: Batch, in_flight: Option<JoinHandle<Outcome>>) -> End {
         let config = &self.shared.config;
         let deadline = Instant::now() + config.shutdown_timeout.saturating_sub(CLOSE_MARGIN);
-        if let Some(running) = self.consumer.take() {
-            let tag = ShortString::from(running.tag.as_str());
-            let cancel = self
-                .consume
-                .basic_cancel(tag, BasicCancelOptions::default());
+        // The running consumer, and one a restart had started when the shutdown came.
+        let running = self.consumer.take().map(|running| running.tag);
+        for tag in running.into_iter().chain(self.starting.take()) {
+            let cancel = self.consume.basic_cancel(
+                ShortString::from(tag.as_str()),
+                BasicCancelOptions::default(),
+            );
             if let Err(e) = tokio::time::timeout_at(deadline, cancel)
                 .await
                 .unwrap_or(Ok(()))
