@@ -461,6 +461,8 @@ struct CutOffSeen {
     paused: f64,
     /// Per replica, when it stored rows again after both of the above.
     each: Vec<f64>,
+    /// The node leading the queue once every replica stored again.
+    new_leader: Option<usize>,
 }
 
 impl CutOffSeen {
@@ -520,6 +522,7 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
                             stored,
                             paused,
                             each: each.into_iter().flatten().collect(),
+                            new_leader: None,
                         };
                     }
                 }
@@ -528,6 +531,34 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
             thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Cuts node `victim` (the queue's leader) off for `PARTITION` while the stream flows,
+/// then heals the partition; returns what was seen after the cut and the seconds from
+/// the heal until every node sees the whole cluster again.
+fn cut_off_and_heal(
+    cluster: &RabbitMqCluster,
+    queue: &str,
+    victim: usize,
+    publisher: &Steady,
+    replicas: &Replicas,
+    stored_before: impl Fn(u64) -> bool,
+) -> (CutOffSeen, f64) {
+    let fault = Instant::now();
+    let partition = cluster.partition(victim);
+    let target = publisher.confirmed();
+    let mut seen = CutOff {
+        stored_before: || stored_before(target),
+        inserted: || replicas.inserted_each(),
+        victim_serves: || std::net::TcpStream::connect(("127.0.0.1", cluster.port(victim))).is_ok(),
+    }
+    .watch(fault);
+    seen.new_leader = cluster.leader_of(queue);
+    thread::sleep(PARTITION.saturating_sub(fault.elapsed()));
+    let healed = Instant::now();
+    partition.heal();
+    wait_cluster_whole(cluster);
+    (seen, healed.elapsed().as_secs_f64())
 }
 
 /// Until every node lists all of them as running (after a restart or a partition).
@@ -594,7 +625,7 @@ fn rabbitmq_scenario(
         outcome.recoveries.push(fault.elapsed().as_secs_f64());
     };
     let mut new_leader = None;
-    let mut healing = String::new();
+    let mut partition_note = String::new();
     let mut measured = "every click confirmed before it stored, then every replica ready again";
     match fault_kind {
         BrokerFault::LeaderKilled => {
@@ -615,31 +646,24 @@ fn rabbitmq_scenario(
             }
         }
         BrokerFault::LeaderPartitioned => {
-            let fault = Instant::now();
-            let partition = cluster.partition(leader);
-            let target = publisher.confirmed();
-            let cut_off = CutOff {
-                stored_before: || stored_of(clickhouse, &table, &tag, target).0 >= target,
-                inserted: || replicas.inserted_each(),
-                victim_serves: || {
-                    std::net::TcpStream::connect(("127.0.0.1", cluster.port(leader))).is_ok()
-                },
-            };
-            let seen = cut_off.watch(fault);
+            let stored_before = |target| stored_of(clickhouse, &table, &tag, target).0 >= target;
+            let (seen, rejoined) = cut_off_and_heal(
+                cluster,
+                &queue,
+                leader,
+                &publisher,
+                &replicas,
+                stored_before,
+            );
             outcome.recoveries.extend([seen.stored, seen.storing()]);
             measured =
                 "every click confirmed before it stored, then every replica storing rows again";
-            new_leader = cluster.leader_of(&queue);
-            thread::sleep(PARTITION.saturating_sub(fault.elapsed()));
-            let healed = Instant::now();
-            partition.heal();
-            wait_cluster_whole(cluster);
+            new_leader = seen.new_leader;
             let each: Vec<String> = seen.each.iter().map(|s| format!("{s:.1}")).collect();
-            healing = format!(
-                "; the cut-off node paused (closed its AMQP listener) after {:.1} s, the replicas stored again after {} s; after the heal it was back in the cluster in {:.1} s",
+            partition_note = format!(
+                "; the cut-off node paused (closed its AMQP listener) after {:.1} s, the replicas stored again after {} s; after the heal it was back in the cluster in {rejoined:.1} s",
                 seen.paused,
                 each.join(", "),
-                healed.elapsed().as_secs_f64()
             );
         }
     }
@@ -661,7 +685,7 @@ fn rabbitmq_scenario(
         .queue_counts(&dead_letter_queue)
         .map_or(0, |(ready, unacked)| ready + unacked);
     outcome.note = format!(
-        "leader was node {leader} (after the fault: {new_leader:?}){healing}; recoveries per fault: {measured}; the publisher's longest wait for a confirm was {:.1} s, and it sent {unconfirmed} clicks again after a failed publish (the broker may hold those twice: they count in rows stored twice)",
+        "leader was node {leader} (after the fault: {new_leader:?}){partition_note}; recoveries per fault: {measured}; the publisher's longest wait for a confirm was {:.1} s, and it sent {unconfirmed} clicks again after a failed publish (the broker may hold those twice: they count in rows stored twice)",
         longest_stall.as_secs_f64()
     );
     outcome
