@@ -9,7 +9,9 @@
 //! - two ClickHouse 18.16 replicas with ZooKeeper: the first replica is killed (SIGKILL)
 //!   mid-stream, brought back, then the second is killed;
 //! - the same cluster with ZooKeeper stopped for 20 s (the tables go read-only); the
-//!   recovery counts from ZooKeeper's return.
+//!   recovery counts from ZooKeeper's return;
+//! - the same cluster with the replica most consumers write to hanging (its HTTP traffic
+//!   dropped) until the INSERTs time out and go to the other replica.
 //!
 //! - the same RabbitMQ cluster restarted node by node (SIGTERM, start, next node);
 //! - the same RabbitMQ cluster with the node holding the queue's leader cut off from the
@@ -24,6 +26,7 @@
 mod support;
 
 use std::{
+    net::Ipv4Addr,
     process::ExitCode,
     sync::{
         Arc,
@@ -35,7 +38,7 @@ use std::{
 
 use click_consumer::{ClickEvent, ClickPublisher, Config};
 use click_consumer_testkit::{
-    ClickHouse, ClickHouseCluster, RabbitMq, RabbitMqCluster, unique_name,
+    ClickHouse, ClickHouseCluster, Flow, Partition, RabbitMq, RabbitMqCluster, unique_name,
 };
 use support::{Service, Stack, free_port, http_get, wait_until};
 
@@ -302,6 +305,61 @@ fn replicas_killed(
     }
 }
 
+/// The ClickHouse replica most consumers use hangs: its HTTP port is cut (its packets
+/// dropped, so it neither answers nor refuses) until every consumer stores rows again,
+/// which those writing to it do only once their INSERT times out and goes to the other
+/// replica; then the cut is healed. This measures the INSERT timeout (60 s).
+fn replica_hung(
+    cluster: &ClickHouseCluster,
+    _publisher: &Steady,
+    replicas: &Replicas,
+    outcome: &mut Outcome,
+) {
+    // The replica most consumers use.
+    let users = |index: usize| {
+        let node = format!("node=\"127.0.0.1:{}\"", cluster.replica(index).http_port());
+        replicas
+            .services
+            .iter()
+            .filter(|(_, port)| {
+                http_get(*port, "/metrics").lines().any(|line| {
+                    line.starts_with("click_consumer_node_in_use")
+                        && line.contains(&node)
+                        && line.ends_with(" 1")
+                })
+            })
+            .count()
+    };
+    let victim = if users(0) >= users(1) { 0 } else { 1 };
+    outcome.note = format!(
+        "replica {} hung, used by {} of the {REPLICAS} consumers; ",
+        victim + 1,
+        users(victim)
+    );
+    let fault = Instant::now();
+    let partition = Partition::cut(&[Flow {
+        from: Ipv4Addr::LOCALHOST,
+        to_port: cluster.replica(victim).http_port(),
+    }]);
+    // Until every replica of the consumer stores rows again: the ones whose INSERT
+    // hangs do so only once it fails over to the other ClickHouse replica.
+    let before = replicas.inserted_each();
+    wait_until(
+        "every consumer storing again",
+        Duration::from_secs(150),
+        || {
+            replicas
+                .inserted_each()
+                .iter()
+                .zip(&before)
+                .all(|(now, then)| now > then)
+        },
+    );
+    outcome.recoveries.push(fault.elapsed().as_secs_f64());
+    partition.heal();
+    thread::sleep(Duration::from_secs(3));
+}
+
 fn zookeeper_stopped(
     cluster: &ClickHouseCluster,
     publisher: &Steady,
@@ -377,7 +435,7 @@ fn clickhouse_scenario(
     } else {
         format!("replicas NOT converged after 30 s: (rows, distinct) {first:?} and {second:?}")
     };
-    outcome.note = format!(
+    outcome.note += &format!(
         "{replication}; {retries} INSERTs retried after backoff (failovers to the other replica are immediate and not counted)"
     );
     outcome
@@ -723,11 +781,16 @@ fn main() -> ExitCode {
             outcomes.push(rabbitmq_scenario(&cluster, &clickhouse, fault));
         }
     }
-    let clickhouse_scenarios: [(&'static str, Faults, bool); 2] = [
+    let clickhouse_scenarios: [(&'static str, Faults, bool); 3] = [
         (
             "ClickHouse: replica 1 killed, back, replica 2 killed",
             replicas_killed,
             true,
+        ),
+        (
+            "ClickHouse: the replica in use hangs (its HTTP traffic dropped), until every consumer stores again",
+            replica_hung,
+            false,
         ),
         (
             "ClickHouse: ZooKeeper stopped for 20 s",
