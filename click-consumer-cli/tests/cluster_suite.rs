@@ -620,11 +620,27 @@ fn cut_off_and_heal(
 }
 
 /// Until every node lists all of them as running (after a restart or a partition).
+///
+/// # Panics
+/// After 90 s, with what each node sees and the end of its log.
 fn wait_cluster_whole(cluster: &RabbitMqCluster) {
-    wait_until(
-        "every RabbitMQ node to see the whole cluster",
-        Duration::from_secs(90),
-        || (0..cluster.len()).all(|i| cluster.running_nodes_seen_by(i).len() == cluster.len()),
+    let whole = |i| cluster.running_nodes_seen_by(i).len() == cluster.len();
+    if support_wait(Duration::from_secs(90), || (0..cluster.len()).all(whole)) {
+        return;
+    }
+    let report: Vec<String> = (0..cluster.len())
+        .map(|i| {
+            let log = cluster.log_lines(i, "");
+            let tail = log[log.len().saturating_sub(15)..].join("\n");
+            format!(
+                "node {i} sees {:?} running; its log ends:\n{tail}",
+                cluster.running_nodes_seen_by(i)
+            )
+        })
+        .collect();
+    panic!(
+        "the RabbitMQ cluster was not whole again within 90 s:\n{}",
+        report.join("\n\n")
     );
 }
 
