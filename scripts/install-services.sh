@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real servers that click-consumer's integration tests and benchmarks run:
 # RabbitMQ (with Erlang's epmd), ClickHouse, and ZooKeeper with Java (for the ClickHouse
-# cluster tests), from Debian's archive.
+# cluster tests), from Debian's archive; and nftables, with which the cluster suite cuts
+# a RabbitMQ node off from the others (a partition on loopback; that needs root).
 #
 # Idempotent, and silent when everything is already there. It only installs packages:
 # the tests start private instances of their own (click-consumer-testkit), on free
@@ -10,7 +11,7 @@
 # anyway is stopped again. Nothing that was running before is touched.
 set -euo pipefail
 
-PACKAGES=(rabbitmq-server clickhouse-server clickhouse-client zookeeper)
+PACKAGES=(rabbitmq-server clickhouse-server clickhouse-client zookeeper nftables)
 POLICY_RC=/usr/sbin/policy-rc.d
 
 have_program() {
@@ -24,7 +25,8 @@ have_rabbitmq_server() {
 all_present() {
   have_rabbitmq_server && have_program epmd &&
     have_program clickhouse-server && have_program clickhouse-client &&
-    have_program java && [ -f /usr/share/java/zookeeper.jar ]
+    have_program java && [ -f /usr/share/java/zookeeper.jar ] &&
+    have_program nft
 }
 
 if all_present; then
@@ -81,6 +83,6 @@ fi
 if ! all_present; then
   echo "install-services.sh: installed ${PACKAGES[*]} but still missing one of:" \
     "/usr/lib/rabbitmq/lib/rabbitmq_server-*/sbin/rabbitmq-server, epmd," \
-    "clickhouse-server, clickhouse-client, java, /usr/share/java/zookeeper.jar" >&2
+    "clickhouse-server, clickhouse-client, java, /usr/share/java/zookeeper.jar, nft" >&2
   exit 1
 fi

@@ -9,11 +9,16 @@
 //! - two ClickHouse 18.16 replicas with ZooKeeper: the first replica is killed (SIGKILL)
 //!   mid-stream, brought back, then the second is killed;
 //! - the same cluster with ZooKeeper stopped for 20 s (the tables go read-only); the
-//!   recovery counts from ZooKeeper's return.
+//!   recovery counts from ZooKeeper's return;
+//! - the same cluster with the replica most consumers write to hanging (its HTTP traffic
+//!   dropped) until the INSERTs time out and go to the other replica.
 //!
-//! - the same RabbitMQ cluster restarted node by node (SIGTERM, start, next node).
+//! - the same RabbitMQ cluster restarted node by node (SIGTERM, start, next node);
+//! - the same RabbitMQ cluster with the node holding the queue's leader cut off from the
+//!   other two for 30 s (its Erlang distribution traffic dropped), then healed.
 //!
-//! Not yet: a RabbitMQ node partitioned for 30 s.
+//! The three RabbitMQ scenarios share one cluster (each with its own queue and
+//! database), started once: a cluster takes 15-30 s to form.
 //!
 //! It prints a Markdown table and a closing `cluster: N passed, N failed` line (no libtest
 //! harness, so the table shows in CI logs).
@@ -21,6 +26,7 @@
 mod support;
 
 use std::{
+    net::Ipv4Addr,
     process::ExitCode,
     sync::{
         Arc,
@@ -32,7 +38,7 @@ use std::{
 
 use click_consumer::{ClickEvent, ClickPublisher, Config};
 use click_consumer_testkit::{
-    ClickHouse, ClickHouseCluster, RabbitMq, RabbitMqCluster, unique_name,
+    ClickHouse, ClickHouseCluster, Flow, Partition, RabbitMq, RabbitMqCluster, unique_name,
 };
 use support::{Service, Stack, free_port, http_get, wait_until};
 
@@ -85,6 +91,8 @@ struct Steady {
     /// Events of chunks whose publish failed (and that are sent again): the broker may
     /// hold these twice.
     unconfirmed: Arc<AtomicU64>,
+    /// The longest time in milliseconds between two confirmed chunks.
+    longest_stall_ms: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: thread::JoinHandle<()>,
 }
@@ -93,18 +101,24 @@ impl Steady {
     fn start(config: Config, tag: String) -> Steady {
         let confirmed = Arc::new(AtomicU64::new(0));
         let unconfirmed = Arc::new(AtomicU64::new(0));
+        let longest_stall_ms = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
-            let (confirmed, unconfirmed, stop) =
-                (confirmed.clone(), unconfirmed.clone(), stop.clone());
+            let counts = Counts {
+                confirmed: confirmed.clone(),
+                unconfirmed: unconfirmed.clone(),
+                longest_stall_ms: longest_stall_ms.clone(),
+            };
+            let stop = stop.clone();
             thread::spawn(move || {
                 let runtime = tokio::runtime::Runtime::new().unwrap();
-                runtime.block_on(publish_steadily(config, tag, confirmed, unconfirmed, stop));
+                runtime.block_on(publish_steadily(config, tag, counts, stop));
             })
         };
         Steady {
             confirmed,
             unconfirmed,
+            longest_stall_ms,
             stop,
             thread,
         }
@@ -114,6 +128,10 @@ impl Steady {
         self.confirmed.load(Ordering::Acquire)
     }
 
+    fn longest_stall(&self) -> Duration {
+        Duration::from_millis(self.longest_stall_ms.load(Ordering::Acquire))
+    }
+
     fn finish(self) -> u64 {
         self.stop.store(true, Ordering::Release);
         self.thread.join().expect("publisher thread");
@@ -121,16 +139,23 @@ impl Steady {
     }
 }
 
-async fn publish_steadily(
-    config: Config,
-    tag: String,
+/// What the publisher thread counts, shared with [`Steady`].
+struct Counts {
     confirmed: Arc<AtomicU64>,
     unconfirmed: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) {
+    longest_stall_ms: Arc<AtomicU64>,
+}
+
+async fn publish_steadily(config: Config, tag: String, counts: Counts, stop: Arc<AtomicBool>) {
+    let Counts {
+        confirmed,
+        unconfirmed,
+        longest_stall_ms,
+    } = counts;
     let mut publisher: Option<ClickPublisher> = None;
     let period = Duration::from_millis(1000 * CHUNK / RATE);
     let mut next = tokio::time::Instant::now();
+    let mut last_confirm = Instant::now();
     while !stop.load(Ordering::Acquire) {
         let start = confirmed.load(Ordering::Acquire);
         let events: Vec<ClickEvent> = (start..start + CHUNK)
@@ -156,6 +181,9 @@ async fn publish_steadily(
         };
         if sent {
             confirmed.fetch_add(CHUNK, Ordering::AcqRel);
+            let stall = u64::try_from(last_confirm.elapsed().as_millis()).unwrap_or(u64::MAX);
+            longest_stall_ms.fetch_max(stall, Ordering::AcqRel);
+            last_confirm = Instant::now();
             next += period;
             tokio::time::sleep_until(next).await;
         } else {
@@ -200,10 +228,15 @@ impl Replicas {
 
     /// Rows inserted, summed over the replicas.
     fn inserted(&self) -> u64 {
+        self.inserted_each().iter().sum()
+    }
+
+    /// Rows inserted by each replica.
+    fn inserted_each(&self) -> Vec<u64> {
         self.services
             .iter()
             .map(|(_, port)| counter(*port, "click_consumer_rows_inserted_total"))
-            .sum()
+            .collect()
     }
 
     fn stop(mut self) {
@@ -270,6 +303,61 @@ fn replicas_killed(
         cluster.replica(victim).restart();
         thread::sleep(Duration::from_secs(3));
     }
+}
+
+/// The ClickHouse replica most consumers use hangs: its HTTP port is cut (its packets
+/// dropped, so it neither answers nor refuses) until every consumer stores rows again,
+/// which those writing to it do only once their INSERT times out and goes to the other
+/// replica; then the cut is healed. This measures the INSERT timeout (60 s).
+fn replica_hung(
+    cluster: &ClickHouseCluster,
+    _publisher: &Steady,
+    replicas: &Replicas,
+    outcome: &mut Outcome,
+) {
+    // The replica most consumers use.
+    let users = |index: usize| {
+        let node = format!("node=\"127.0.0.1:{}\"", cluster.replica(index).http_port());
+        replicas
+            .services
+            .iter()
+            .filter(|(_, port)| {
+                http_get(*port, "/metrics").lines().any(|line| {
+                    line.starts_with("click_consumer_node_in_use")
+                        && line.contains(&node)
+                        && line.ends_with(" 1")
+                })
+            })
+            .count()
+    };
+    let victim = if users(0) >= users(1) { 0 } else { 1 };
+    outcome.note = format!(
+        "replica {} hung, used by {} of the {REPLICAS} consumers; ",
+        victim + 1,
+        users(victim)
+    );
+    let fault = Instant::now();
+    let partition = Partition::cut(&[Flow {
+        from: Ipv4Addr::LOCALHOST,
+        to_port: cluster.replica(victim).http_port(),
+    }]);
+    // Until every replica of the consumer stores rows again: the ones whose INSERT
+    // hangs do so only once it fails over to the other ClickHouse replica.
+    let before = replicas.inserted_each();
+    wait_until(
+        "every consumer storing again",
+        Duration::from_secs(150),
+        || {
+            replicas
+                .inserted_each()
+                .iter()
+                .zip(&before)
+                .all(|(now, then)| now > then)
+        },
+    );
+    outcome.recoveries.push(fault.elapsed().as_secs_f64());
+    partition.heal();
+    thread::sleep(Duration::from_secs(3));
 }
 
 fn zookeeper_stopped(
@@ -347,7 +435,7 @@ fn clickhouse_scenario(
     } else {
         format!("replicas NOT converged after 30 s: (rows, distinct) {first:?} and {second:?}")
     };
-    outcome.note = format!(
+    outcome.note += &format!(
         "{replication}; {retries} INSERTs retried after backoff (failovers to the other replica are immediate and not counted)"
     );
     outcome
@@ -389,10 +477,179 @@ enum BrokerFault {
     LeaderKilled,
     /// Stop (SIGTERM) and start each node in turn.
     RollingRestart,
+    /// Cut the node holding the quorum queue's leader off from the other two for
+    /// `PARTITION`, then heal.
+    LeaderPartitioned,
 }
 
-fn rabbitmq_scenario(clickhouse: &ClickHouse, fault_kind: BrokerFault) -> Outcome {
-    let cluster = RabbitMqCluster::start(3);
+/// How long the partitioned node stays cut off.
+const PARTITION: Duration = Duration::from_secs(30);
+
+impl BrokerFault {
+    fn scenario_name(self) -> &'static str {
+        match self {
+            BrokerFault::LeaderKilled => {
+                "RabbitMQ: 3-node cluster, quorum queue, leader node killed (SIGKILL)"
+            }
+            BrokerFault::RollingRestart => {
+                "RabbitMQ: 3-node cluster, quorum queue, rolling restart of the 3 nodes"
+            }
+            BrokerFault::LeaderPartitioned => {
+                "RabbitMQ: 3-node cluster, quorum queue, leader node cut off for 30 s, then healed"
+            }
+        }
+    }
+}
+
+/// What a partition's recovery waits for, as closures over the scenario.
+struct CutOff<S, I, V> {
+    /// Whether every click confirmed before the cut is stored.
+    stored_before: S,
+    /// Rows inserted by each replica so far.
+    inserted: I,
+    /// Whether the cut-off node still accepts AMQP connections.
+    victim_serves: V,
+}
+
+/// Seconds from the cut until each event.
+struct CutOffSeen {
+    /// Every click confirmed before the cut stored.
+    stored: f64,
+    /// The cut-off node closed its AMQP listener (pause_minority).
+    paused: f64,
+    /// Per replica, when it stored rows again after both of the above.
+    each: Vec<f64>,
+    /// The node leading the queue once every replica stored again.
+    new_leader: Option<usize>,
+}
+
+impl CutOffSeen {
+    /// Every replica storing rows again.
+    fn storing(&self) -> f64 {
+        self.each.iter().copied().fold(0.0, f64::max)
+    }
+}
+
+impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I, V> {
+    /// Polls until every replica stores again (at most 120 s).
+    ///
+    /// A partition stalls rather than breaks: the cut-off node still answers its
+    /// clients, and until it notices and pauses, its consumers stay ready and idle,
+    /// and with the queue's leader cut off nothing new can be committed. So the
+    /// recovery is not "every replica ready" but "every replica storing rows again",
+    /// counted from the moment the cut-off node has paused and everything confirmed
+    /// before the cut is stored: a replica stores rows after that only once it
+    /// consumes from a node of the majority, and the queue there has a new leader.
+    ///
+    /// # Panics
+    /// If that takes more than 120 s, or if the cut-off node never pauses.
+    fn watch(mut self, fault: Instant) -> CutOffSeen {
+        let limit = Duration::from_secs(120);
+        let mut stored = None;
+        let mut paused = None;
+        let mut baseline: Option<Vec<u64>> = None;
+        let mut each: Vec<Option<f64>> = Vec::new();
+        loop {
+            assert!(
+                fault.elapsed() < limit,
+                "timed out after {limit:?} waiting for every replica to store again after the cut \
+                 (the cut-off node paused: {paused:?} s; everything confirmed before stored: {stored:?} s)"
+            );
+            let elapsed = fault.elapsed().as_secs_f64();
+            if paused.is_none() && !(self.victim_serves)() {
+                paused = Some(elapsed);
+            }
+            if stored.is_none() && (self.stored_before)() {
+                stored = Some(elapsed);
+            }
+            match (&baseline, stored, paused) {
+                (None, Some(_), Some(_)) => {
+                    let now = (self.inserted)();
+                    each = vec![None; now.len()];
+                    baseline = Some(now);
+                }
+                (Some(then), Some(stored), Some(paused)) => {
+                    let now = (self.inserted)();
+                    for ((seen, now), then) in each.iter_mut().zip(&now).zip(then) {
+                        if seen.is_none() && now > then {
+                            *seen = Some(elapsed);
+                        }
+                    }
+                    if each.iter().all(Option::is_some) {
+                        return CutOffSeen {
+                            stored,
+                            paused,
+                            each: each.into_iter().flatten().collect(),
+                            new_leader: None,
+                        };
+                    }
+                }
+                _ => {}
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Cuts node `victim` (the queue's leader) off for `PARTITION` while the stream flows,
+/// then heals the partition; returns what was seen after the cut and the seconds from
+/// the heal until every node sees the whole cluster again.
+fn cut_off_and_heal(
+    cluster: &RabbitMqCluster,
+    queue: &str,
+    victim: usize,
+    publisher: &Steady,
+    replicas: &Replicas,
+    stored_before: impl Fn(u64) -> bool,
+) -> (CutOffSeen, f64) {
+    let fault = Instant::now();
+    let partition = cluster.partition(victim);
+    let target = publisher.confirmed();
+    let mut seen = CutOff {
+        stored_before: || stored_before(target),
+        inserted: || replicas.inserted_each(),
+        victim_serves: || std::net::TcpStream::connect(("127.0.0.1", cluster.port(victim))).is_ok(),
+    }
+    .watch(fault);
+    seen.new_leader = cluster.leader_of(queue);
+    thread::sleep(PARTITION.saturating_sub(fault.elapsed()));
+    let healed = Instant::now();
+    partition.heal();
+    wait_cluster_whole(cluster);
+    (seen, healed.elapsed().as_secs_f64())
+}
+
+/// Until every node lists all of them as running (after a restart or a partition).
+///
+/// # Panics
+/// After 90 s, with what each node sees and the end of its log.
+fn wait_cluster_whole(cluster: &RabbitMqCluster) {
+    let whole = |i| cluster.running_nodes_seen_by(i).len() == cluster.len();
+    if support_wait(Duration::from_secs(90), || (0..cluster.len()).all(whole)) {
+        return;
+    }
+    let report: Vec<String> = (0..cluster.len())
+        .map(|i| {
+            let log = cluster.log_lines(i, "");
+            let tail = log[log.len().saturating_sub(15)..].join("\n");
+            format!(
+                "node {i} sees {:?} running; its log ends:\n{tail}",
+                cluster.running_nodes_seen_by(i)
+            )
+        })
+        .collect();
+    panic!(
+        "the RabbitMQ cluster was not whole again within 90 s:\n{}",
+        report.join("\n\n")
+    );
+}
+
+fn rabbitmq_scenario(
+    cluster: &RabbitMqCluster,
+    clickhouse: &ClickHouse,
+    fault_kind: BrokerFault,
+) -> Outcome {
+    wait_cluster_whole(cluster);
     let exchange = unique_name("rq_ex");
     let queue = unique_name("rq_q");
     let database = unique_name("rq_db");
@@ -418,14 +675,7 @@ fn rabbitmq_scenario(clickhouse: &ClickHouse, fault_kind: BrokerFault) -> Outcom
     let tag = unique_name("rq");
     let publisher = Steady::start(config, tag.clone());
     let mut outcome = Outcome {
-        name: match fault_kind {
-            BrokerFault::LeaderKilled => {
-                "RabbitMQ: 3-node cluster, quorum queue, leader node killed (SIGKILL)"
-            }
-            BrokerFault::RollingRestart => {
-                "RabbitMQ: 3-node cluster, quorum queue, rolling restart of the 3 nodes"
-            }
-        },
+        name: fault_kind.scenario_name(),
         target_applies: true,
         ..Outcome::default()
     };
@@ -449,6 +699,8 @@ fn rabbitmq_scenario(clickhouse: &ClickHouse, fault_kind: BrokerFault) -> Outcom
         outcome.recoveries.push(fault.elapsed().as_secs_f64());
     };
     let mut new_leader = None;
+    let mut partition_note = String::new();
+    let mut measured = "every click confirmed before it stored, then every replica ready again";
     match fault_kind {
         BrokerFault::LeaderKilled => {
             let fault = Instant::now();
@@ -467,9 +719,31 @@ fn rabbitmq_scenario(clickhouse: &ClickHouse, fault_kind: BrokerFault) -> Outcom
                 thread::sleep(Duration::from_secs(2));
             }
         }
+        BrokerFault::LeaderPartitioned => {
+            let stored_before = |target| stored_of(clickhouse, &table, &tag, target).0 >= target;
+            let (seen, rejoined) = cut_off_and_heal(
+                cluster,
+                &queue,
+                leader,
+                &publisher,
+                &replicas,
+                stored_before,
+            );
+            outcome.recoveries.extend([seen.stored, seen.storing()]);
+            measured =
+                "every click confirmed before it stored, then every replica storing rows again";
+            new_leader = seen.new_leader;
+            let each: Vec<String> = seen.each.iter().map(|s| format!("{s:.1}")).collect();
+            partition_note = format!(
+                "; the cut-off node paused (closed its AMQP listener) after {:.1} s, the replicas stored again after {} s; after the heal it was back in the cluster in {rejoined:.1} s",
+                seen.paused,
+                each.join(", "),
+            );
+        }
     }
     thread::sleep(Duration::from_secs(3));
     let unconfirmed = publisher.unconfirmed.load(Ordering::Acquire);
+    let longest_stall = publisher.longest_stall();
     outcome.published = publisher.finish();
     let published = outcome.published;
     wait_until("everything stored", Duration::from_secs(90), || {
@@ -485,31 +759,66 @@ fn rabbitmq_scenario(clickhouse: &ClickHouse, fault_kind: BrokerFault) -> Outcom
         .queue_counts(&dead_letter_queue)
         .map_or(0, |(ready, unacked)| ready + unacked);
     outcome.note = format!(
-        "leader was node {leader} (after a kill: {new_leader:?}); recoveries per fault: every click confirmed before it stored, then every replica ready again; the publisher sent {unconfirmed} clicks again after a failed publish (the broker may hold those twice: they count in rows stored twice)"
+        "leader was node {leader} (after the fault: {new_leader:?}){partition_note}; recoveries per fault: {measured}; the publisher's longest wait for a confirm was {:.1} s, and it sent {unconfirmed} clicks again after a failed publish (the broker may hold those twice: they count in rows stored twice)",
+        longest_stall.as_secs_f64()
     );
     outcome
+}
+
+/// Whether a scenario runs: with no filter arguments, all do; otherwise those whose
+/// name contains one of them (case-insensitive), like libtest's name filter:
+/// `cargo test -p click-consumer-cli --test cluster_suite -- "cut off"`.
+fn selected(name: &str) -> bool {
+    let filters: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with('-'))
+        .map(|arg| arg.to_lowercase())
+        .collect();
+    let name = name.to_lowercase();
+    filters.is_empty() || filters.iter().any(|filter| name.contains(filter.as_str()))
 }
 
 fn main() -> ExitCode {
     let started = Instant::now();
     let rabbitmq = RabbitMq::start();
     let clickhouse = ClickHouse::start();
-    let outcomes = vec![
-        rabbitmq_scenario(&clickhouse, BrokerFault::LeaderKilled),
-        rabbitmq_scenario(&clickhouse, BrokerFault::RollingRestart),
-        clickhouse_scenario(
-            &rabbitmq,
+    let mut outcomes = Vec::new();
+    let broker_faults: Vec<BrokerFault> = [
+        BrokerFault::LeaderKilled,
+        BrokerFault::RollingRestart,
+        BrokerFault::LeaderPartitioned,
+    ]
+    .into_iter()
+    .filter(|fault| selected(fault.scenario_name()))
+    .collect();
+    if !broker_faults.is_empty() {
+        let cluster = RabbitMqCluster::start(3);
+        for fault in broker_faults {
+            outcomes.push(rabbitmq_scenario(&cluster, &clickhouse, fault));
+        }
+    }
+    let clickhouse_scenarios: [(&'static str, Faults, bool); 3] = [
+        (
             "ClickHouse: replica 1 killed, back, replica 2 killed",
             replicas_killed,
             true,
         ),
-        clickhouse_scenario(
-            &rabbitmq,
+        (
+            "ClickHouse: the replica in use hangs (its HTTP traffic dropped), until every consumer stores again",
+            replica_hung,
+            false,
+        ),
+        (
             "ClickHouse: ZooKeeper stopped for 20 s",
             zookeeper_stopped,
             false,
         ),
     ];
+    for (name, faults, target_applies) in clickhouse_scenarios {
+        if selected(name) {
+            outcomes.push(clickhouse_scenario(&rabbitmq, name, faults, target_applies));
+        }
+    }
     println!(
         "\n| scenario | published | lost | stored twice | dead letters | recovery (s) | passed |"
     );

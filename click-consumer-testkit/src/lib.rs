@@ -14,7 +14,10 @@
 //! * [`shared`]: one of each per test process, started on first use, in parallel.
 //! * [`ClickHouseCluster`]: a [`ZooKeeper`] (Debian's `zookeeper`) and ClickHouse
 //!   replicas of one shard, for `ON CLUSTER` DDL and Replicated tables.
-//! * [`RabbitMqCluster`]: RabbitMQ nodes clustered on loopback (quorum queues).
+//! * [`RabbitMqCluster`]: RabbitMQ nodes clustered on loopback (quorum queues); one
+//!   node can be cut off from the others ([`RabbitMqCluster::partition`]).
+//! * [`Partition`]: TCP flows on loopback dropped until the guard is dropped (nftables;
+//!   needs root).
 //!
 //! The servers die with the test process however it ends (normal exit, panic,
 //! SIGKILL): they are spawned with `PR_SET_PDEATHSIG`, from a thread that lives as long
@@ -38,6 +41,7 @@ mod clickhouse;
 mod cluster;
 mod http;
 mod janitor;
+mod partition;
 mod ports;
 mod process;
 mod rabbitmq;
@@ -53,6 +57,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use clickhouse::ClickHouse;
 pub use cluster::{ClickHouseCluster, ZooKeeper};
+pub use partition::{Flow, Partition};
 pub use rabbitmq::RabbitMq;
 pub use rabbitmq_cluster::RabbitMqCluster;
 

@@ -1,12 +1,26 @@
 //! A private RabbitMQ 3.10 cluster on loopback: `n` nodes (`rc<i>-<unique>@localhost`)
 //! sharing one private epmd and one Erlang cookie, formed at boot by classic-config peer
 //! discovery. Each node is its own process, so a test can SIGKILL one and start it again
-//! (it rejoins with its data).
+//! (it rejoins with its data), or cut it off from the others ([`RabbitMqCluster::partition`]).
+//!
+//! Partitions are handled as in a production cluster of quorum queues:
+//! `cluster_partition_handling = pause_minority` (a node that finds itself in the
+//! minority stops serving clients, which then move to the majority, instead of serving
+//! a queue replica that cannot make progress), a `net_ticktime` of
+//! [`RabbitMqCluster::NET_TICKTIME_SECS`], so that a node that stops answering is
+//! declared down within 0.75-1.25 times that, and a `net_setuptime` of
+//! [`RabbitMqCluster::NET_SETUPTIME_SECS`], so that a call to an unreachable node fails
+//! within that.
+//!
+//! To tell its distribution connections apart from those of the other nodes and of
+//! `rabbitmqctl` (all on 127.0.0.1), node `i` opens its connections to peers from its own
+//! loopback address, `127.0.0.<11 + i>` (Erlang's `inet_dist_connect_options`).
+//! Everything else, AMQP, epmd and the CLI, stays on 127.0.0.1.
 
 use std::fmt;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -16,6 +30,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use crate::janitor;
+use crate::partition::{Flow, Partition};
 use crate::ports::{free_ports, wait_bindable};
 use crate::process::{
     INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied, wait_ready,
@@ -28,6 +43,8 @@ struct Node {
     name: String,
     amqp_port: u16,
     dist_port: u16,
+    /// The source address of its distribution connections to peers.
+    dist_ip: Ipv4Addr,
     dir: PathBuf,
     process: ServerProcess,
 }
@@ -43,6 +60,19 @@ pub struct RabbitMqCluster {
 }
 
 impl RabbitMqCluster {
+    /// The nodes' `net_ticktime` in seconds (Erlang's default: 60). A peer that stops
+    /// answering is declared down after 0.75-1.25 times this; much lower values risk
+    /// false alarms on a loaded machine.
+    pub const NET_TICKTIME_SECS: u32 = 5;
+
+    /// The nodes' `net_setuptime` in seconds (Erlang's default: 7): how long a node
+    /// waits for a distribution connection to come up. During a partition the nodes
+    /// of the majority still reach for the cut-off node now and then, and each attempt
+    /// blocks for this long since its packets are dropped: a consumer that moved to
+    /// the majority waited 7.1 s for its session (queue declared, consumer registered)
+    /// with the default, 2.4 s with 2.
+    pub const NET_SETUPTIME_SECS: u32 = 2;
+
     /// Starts `n` nodes at once and waits until every one answers AMQP and the cluster
     /// lists all of them as running (about 15-30 s on 2 cores).
     ///
@@ -69,6 +99,7 @@ impl RabbitMqCluster {
                     name: format!("rc{i}-{tag}@localhost"),
                     amqp_port,
                     dist_port,
+                    dist_ip: node_dist_ip(i),
                     dir: dir.path().join(format!("node{i}")),
                     process: ServerProcess::new("rabbitmq cluster node"),
                 }
@@ -89,11 +120,16 @@ impl RabbitMqCluster {
             fs::create_dir_all(&node.dir).expect("node dir");
             let conf = format!(
                 "listeners.tcp.1 = 127.0.0.1:{}\nlog.console = false\nloopback_users = none\n\
+                 cluster_partition_handling = pause_minority\n\
                  cluster_formation.peer_discovery_backend = classic_config\n{peers}",
                 node.amqp_port
             );
             fs::write(node.dir.join("rabbitmq.conf"), conf).expect("rabbitmq.conf");
-            fs::write(node.dir.join("advanced.config"), "[].\n").expect("advanced.config");
+            fs::write(
+                node.dir.join("advanced.config"),
+                advanced_config(node.dist_ip),
+            )
+            .expect("advanced.config");
             fs::write(node.dir.join("rabbitmq-env.conf"), "").expect("env file");
             fs::write(node.dir.join("enabled_plugins"), "[].\n").expect("plugins file");
         }
@@ -112,13 +148,7 @@ impl RabbitMqCluster {
             cluster.wait_node(index);
         }
         let all_running = crate::process::wait_for(READY_TIMEOUT, || {
-            let status = cluster.ctl(0, &["cluster_status", "--formatter", "json"]);
-            let running = status.split("\"running_nodes\"").nth(1).unwrap_or("");
-            let running = &running[..running.find(']').unwrap_or(0)];
-            cluster
-                .nodes
-                .iter()
-                .all(|node| running.contains(&node.name))
+            cluster.running_nodes_seen_by(0).len() == n
         });
         assert!(
             all_running,
@@ -164,6 +194,60 @@ impl RabbitMqCluster {
         &self.nodes[index].name
     }
 
+    /// Cuts node `index` off from every other node: their Erlang distribution
+    /// traffic is dropped both ways (AMQP, epmd and `rabbitmqctl` still reach every
+    /// node) until the returned guard is dropped. The nodes notice after about
+    /// [`RabbitMqCluster::NET_TICKTIME_SECS`]; the cut-off node, a minority, then pauses (closes its
+    /// client connections and stops listening for AMQP) until it sees the others again.
+    ///
+    /// # Panics
+    /// If the traffic cannot be cut (see [`Partition::cut`]).
+    pub fn partition(&self, index: usize) -> Partition {
+        let victim = &self.nodes[index];
+        let flows: Vec<Flow> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != index)
+            .flat_map(|(_, peer)| {
+                [
+                    Flow {
+                        from: victim.dist_ip,
+                        to_port: peer.dist_port,
+                    },
+                    Flow {
+                        from: peer.dist_ip,
+                        to_port: victim.dist_port,
+                    },
+                ]
+            })
+            .collect();
+        Partition::cut(&flows)
+    }
+
+    /// The nodes that node `index` lists as running (empty if it does not answer).
+    pub fn running_nodes_seen_by(&self, index: usize) -> Vec<usize> {
+        let status = self.ctl(index, &["cluster_status", "--formatter", "json"]);
+        let running = status.split("\"running_nodes\"").nth(1).unwrap_or("");
+        let running = &running[..running.find(']').unwrap_or(0)];
+        (0..self.len())
+            .filter(|i| running.contains(&self.nodes[*i].name))
+            .collect()
+    }
+
+    /// The lines of node `index`'s log that contain `needle`, oldest first (for a
+    /// test's report of what the broker did).
+    pub fn log_lines(&self, index: usize, needle: &str) -> Vec<String> {
+        let node = &self.nodes[index];
+        let log = node.dir.join("log").join(format!("{}.log", node.name));
+        fs::read_to_string(log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|line| line.contains(needle))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// Kills node `index` with SIGKILL.
     pub fn kill(&self, index: usize) {
         self.nodes[index].process.kill();
@@ -195,40 +279,51 @@ impl RabbitMqCluster {
         self.nodes[index].process.is_running()
     }
 
-    /// The index of the node that leads quorum queue `queue`, asked of a running node.
+    /// The index of the node that leads quorum queue `queue`, asked of each running
+    /// node in turn until one answers (a paused node does not).
     pub fn leader_of(&self, queue: &str) -> Option<usize> {
-        let asked = (0..self.len()).find(|i| self.is_running(*i))?;
-        let out = self.ctl(
-            asked,
-            &["list_queues", "-q", "--no-table-headers", "name", "leader"],
-        );
-        let leader = out
-            .lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() == 2 && f[0] == queue)?
-            .get(1)?
-            .to_string();
-        self.nodes.iter().position(|n| n.name == leader)
+        self.ask_running(|asked| {
+            let out = self.ctl(
+                asked,
+                &["list_queues", "-q", "--no-table-headers", "name", "leader"],
+            );
+            let leader = out
+                .lines()
+                .map(|line| line.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() == 2 && f[0] == queue)?
+                .get(1)?
+                .to_string();
+            self.nodes.iter().position(|n| n.name == leader)
+        })
     }
 
-    /// `(ready, unacknowledged)` of `queue`, asked of a running node.
+    /// `(ready, unacknowledged)` of `queue`, asked of each running node in turn until
+    /// one answers.
     pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
-        let asked = (0..self.len()).find(|i| self.is_running(*i))?;
-        let out = self.ctl(
-            asked,
-            &[
-                "list_queues",
-                "-q",
-                "--no-table-headers",
-                "name",
-                "messages_ready",
-                "messages_unacknowledged",
-            ],
-        );
-        out.lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() == 3 && f[0] == queue)
-            .map(|f| (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0)))
+        self.ask_running(|asked| {
+            let out = self.ctl(
+                asked,
+                &[
+                    "list_queues",
+                    "-q",
+                    "--no-table-headers",
+                    "name",
+                    "messages_ready",
+                    "messages_unacknowledged",
+                ],
+            );
+            out.lines()
+                .map(|line| line.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() == 3 && f[0] == queue)
+                .map(|f| (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0)))
+        })
+    }
+
+    /// The first answer of `ask` over the running nodes.
+    fn ask_running<T>(&self, ask: impl Fn(usize) -> Option<T>) -> Option<T> {
+        (0..self.len())
+            .filter(|i| self.is_running(*i))
+            .find_map(ask)
     }
 
     /// Runs `rabbitmqctl` against node `index`; returns stdout (empty on failure).
@@ -241,6 +336,12 @@ impl RabbitMqCluster {
             .env("ERL_EPMD_PORT", self.epmd_port.to_string())
             .env("RABBITMQ_CTL_DIST_PORT_MIN", "0")
             .env("RABBITMQ_CTL_DIST_PORT_MAX", "0")
+            // The nodes' tick time: with Erlang's default of 60 s, the CLI would tick
+            // only every 15 s and a node would drop it after 5 s of silence.
+            .env(
+                "RABBITMQ_CTL_ERL_ARGS",
+                format!("-kernel net_ticktime {}", Self::NET_TICKTIME_SECS),
+            )
             .arg("-n")
             .arg(&self.nodes[index].name)
             .args(args)
@@ -318,6 +419,23 @@ impl RabbitMqCluster {
             );
         }
     }
+}
+
+/// The loopback address node `index` opens its distribution connections from.
+fn node_dist_ip(index: usize) -> Ipv4Addr {
+    let last = u8::try_from(11 + index).expect("at most 244 nodes");
+    Ipv4Addr::new(127, 0, 0, last)
+}
+
+/// The `advanced.config` of a node (Erlang terms that `rabbitmq.conf` cannot express).
+fn advanced_config(dist_ip: Ipv4Addr) -> String {
+    let [a, b, c, d] = dist_ip.octets();
+    format!(
+        "[{{kernel, [{{net_ticktime, {}}}, {{net_setuptime, {}}},\n\
+         {{inet_dist_connect_options, [{{ip, {{{a},{b},{c},{d}}}}}]}}]}}].\n",
+        RabbitMqCluster::NET_TICKTIME_SECS,
+        RabbitMqCluster::NET_SETUPTIME_SECS
+    )
 }
 
 /// Whether the port answers the AMQP 0-9-1 header with `connection.start`.
