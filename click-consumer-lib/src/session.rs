@@ -230,11 +230,15 @@ impl Session {
             .max(1);
         let mut restart_failed = false;
         let end = loop {
-            let steered = tokio::select! {
-                biased;
-                // A shutdown is not held up by a consumer restart: the loop drains.
-                () = stop.cancelled() => Ok(()),
-                steered = self.steer() => steered,
+            let steered = if self.must_steer() {
+                tokio::select! {
+                    biased;
+                    // A shutdown is not held up by a consumer restart: the loop drains.
+                    () = stop.cancelled() => Ok(()),
+                    steered = self.steer() => steered,
+                }
+            } else {
+                Ok(())
             };
             if let Err(e) = steered {
                 restart_failed = true;
@@ -344,6 +348,21 @@ impl Session {
         self.settle_dead_letters().await;
         self.close().await;
         end
+    }
+
+    /// Whether [`Session::steer`] has something to do: the running consumer must stop or
+    /// change its window, or a stopped one may start again. Checked on every turn of the
+    /// loop, so it only reads counters.
+    fn must_steer(&self) -> bool {
+        match &self.consumer {
+            Some(_) => {
+                self.window.wanted().is_some()
+                    || self
+                        .window
+                        .over_budget(self.acker.held_bytes(), self.acker.aside_bytes())
+            }
+            None => self.draining.is_empty(),
+        }
     }
 
     /// Keeps the bytes held within the budget: restarts the consumer with another
