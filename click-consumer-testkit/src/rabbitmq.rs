@@ -326,25 +326,7 @@ impl RabbitMq {
     /// `(ready, unacknowledged)` messages of `queue` from the broker's own bookkeeping
     /// (`rabbitmqctl list_queues`), or `None` if the queue does not exist.
     pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
-        let out = self.ctl(&[
-            "list_queues",
-            "-q",
-            "--no-table-headers",
-            "name",
-            "messages_ready",
-            "messages_unacknowledged",
-        ]);
-        out.lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|fields| fields.len() == 3 && fields[0] == queue)
-            .map(|fields| {
-                let count = |f: &str| {
-                    f.trim()
-                        .parse()
-                        .unwrap_or_else(|_| panic!("bad count in {out}"))
-                };
-                (count(fields[1]), count(fields[2]))
-            })
+        queue_counts_in(&self.ctl(&QUEUE_COUNTS), queue)
     }
 
     /// Runs `rabbitmqctl` against this node and returns its standard output, e.g.
@@ -643,4 +625,33 @@ pub(crate) fn private_node_env<'c>(
         .env("RABBITMQ_ADVANCED_CONFIG_FILE", dir.join("advanced.config"))
         .env("RABBITMQ_CONF_ENV_FILE", dir.join("rabbitmq-env.conf"))
         .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+}
+
+/// The `rabbitmqctl` arguments whose output [`queue_counts_in`] reads.
+pub(crate) const QUEUE_COUNTS: [&str; 6] = [
+    "list_queues",
+    "-q",
+    "--no-table-headers",
+    "name",
+    "messages_ready",
+    "messages_unacknowledged",
+];
+
+/// `(ready, unacknowledged)` of `queue` in the output of `rabbitmqctl` run with
+/// [`QUEUE_COUNTS`], or `None` if it lists no such queue.
+///
+/// # Panics
+/// On a count that is not a number.
+pub(crate) fn queue_counts_in(out: &str, queue: &str) -> Option<(u64, u64)> {
+    out.lines()
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.len() == 3 && fields[0] == queue)
+        .map(|fields| {
+            let count = |f: &str| {
+                f.trim()
+                    .parse()
+                    .unwrap_or_else(|_| panic!("bad count in {out}"))
+            };
+            (count(fields[1]), count(fields[2]))
+        })
 }

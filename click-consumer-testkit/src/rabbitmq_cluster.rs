@@ -35,7 +35,7 @@ use crate::ports::{free_ports, wait_bindable};
 use crate::process::{
     INSTALL_HINT, ServerProcess, find_program, log_tail, search_path, spawn_tied, wait_ready,
 };
-use crate::rabbitmq::{NodeEnv, private_node_env};
+use crate::rabbitmq::{NodeEnv, QUEUE_COUNTS, private_node_env, queue_counts_in};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -300,23 +300,7 @@ impl RabbitMqCluster {
     /// `(ready, unacknowledged)` of `queue`, asked of each running node in turn until
     /// one answers.
     pub fn queue_counts(&self, queue: &str) -> Option<(u64, u64)> {
-        self.ask_running(|asked| {
-            let out = self.ctl(
-                asked,
-                &[
-                    "list_queues",
-                    "-q",
-                    "--no-table-headers",
-                    "name",
-                    "messages_ready",
-                    "messages_unacknowledged",
-                ],
-            );
-            out.lines()
-                .map(|line| line.split_whitespace().collect::<Vec<_>>())
-                .find(|f| f.len() == 3 && f[0] == queue)
-                .map(|f| (f[1].parse().unwrap_or(0), f[2].parse().unwrap_or(0)))
-        })
+        self.ask_running(|asked| queue_counts_in(&self.ctl(asked, &QUEUE_COUNTS), queue))
     }
 
     /// The first answer of `ask` over the running nodes.
