@@ -27,14 +27,36 @@ pub(crate) struct Bench {
     pub(crate) consumer_binary: PathBuf,
     /// This binary, for the reference consumer subcommand.
     pub(crate) own_binary: PathBuf,
-    /// The consumer's default prefetch, which the reference uses too.
+    /// The consumer's prefetch (its default, or `--consumer-env PREFETCH_COUNT`), which
+    /// the same-window reference uses too.
     pub(crate) prefetch: u16,
+    /// The consumer's `BATCH_SIZE` (default or overridden): the reference's ack interval.
+    pub(crate) batch_size: usize,
 }
 
 impl Bench {
     pub(crate) fn drain_timeout(&self) -> Duration {
         Duration::from_secs(self.args.drain_timeout)
     }
+}
+
+/// click-consumer's settings in this run: its defaults with `--consumer-env` on top.
+fn consumer_config(args: &BenchArgs) -> anyhow::Result<Config> {
+    let mut overrides = Vec::new();
+    for entry in &args.consumer_env {
+        let (name, value) = entry
+            .split_once('=')
+            .with_context(|| format!("--consumer-env `{entry}`: expected NAME=value"))?;
+        overrides.push((name.to_owned(), value.to_owned()));
+    }
+    Config::from_lookup(|name| {
+        overrides
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+    })
+    .context("--consumer-env")
 }
 
 pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -45,6 +67,7 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let own_binary = std::env::current_exe().context("cannot find this binary's path")?;
     let consumer_binary = consumer_binary(args, &own_binary)?;
+    let consumer_config = consumer_config(args)?;
     let date = RunDate::now();
     eprintln!("click-consumer-bench: starting private RabbitMQ and ClickHouse ...");
     let servers = Servers::start();
@@ -57,7 +80,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
         broker,
         consumer_binary,
         own_binary,
-        prefetch: Config::default().prefetch(),
+        prefetch: consumer_config.prefetch(),
+        batch_size: consumer_config.batch_size(),
     };
     let machine = Machine::describe(&bench.servers);
     let drains = drains(&bench)?;

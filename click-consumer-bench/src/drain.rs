@@ -20,7 +20,6 @@ use std::{
 };
 
 use anyhow::{Context, bail};
-use click_consumer::config::defaults;
 use serde::Serialize;
 
 use crate::bench::Bench;
@@ -181,7 +180,7 @@ pub(crate) fn reference(bench: &Bench, name: &'static str) -> anyhow::Result<Dra
     let (prefetch, ack_every) = if name == REFERENCE_SMALL {
         (SMALL_PREFETCH, SMALL_ACK_EVERY)
     } else {
-        (bench.prefetch, defaults::BATCH_SIZE as u64)
+        (bench.prefetch, bench.batch_size as u64)
     };
     let target = Target::new("reference");
     let prefill = fill(bench, &target, bench.args.messages, Clicks::Normal)?;

@@ -155,7 +155,7 @@ impl Results {
         let settings = Settings {
             messages: args.messages,
             repeats: args.repeats,
-            batch_size: defaults::BATCH_SIZE,
+            batch_size: bench.batch_size,
             batch_timeout_ms: defaults::BATCH_TIMEOUT_MS,
             prefetch: bench.prefetch,
             consumer_env: args.consumer_env.clone(),
