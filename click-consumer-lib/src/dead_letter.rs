@@ -32,7 +32,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
 use tokio::sync::{Notify, mpsc};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::ack::{Acker, Settle};
 use crate::backoff::Backoff;
@@ -276,8 +276,9 @@ impl DeadLetters {
 
     /// Completes when a copy was returned or refused by the broker (the dead-letter queue
     /// is gone): its original went back to the queue, the topology needs declaring again.
-    pub(crate) async fn refused(&self) {
-        self.state.refused.cancelled().await;
+    /// Made once, it can be polled on every turn of a loop without registering anew.
+    pub(crate) fn refused(&self) -> WaitForCancellationFutureOwned {
+        self.state.refused.clone().cancelled_owned()
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::{
     Channel, Connection,
     message::Delivery,
@@ -27,6 +27,9 @@ use crate::store::Store;
 
 /// Time kept back from the shutdown deadline to close the channels and the connection.
 const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// Deliveries already received that one turn of the consume loop takes at most.
+const READY_BURST: usize = 64;
 
 /// How often a consumer stopped for the byte budget looks again at what is held.
 const PAUSE_CHECK: Duration = Duration::from_millis(20);
@@ -229,12 +232,20 @@ impl Session {
             .min(config.max_inflight_bytes() / 2)
             .max(1);
         let mut restart_failed = false;
+        // Made once, not on every turn: a turn per delivery would register (and drop) a
+        // waiter on the token and a timer each time.
+        let cancelled = stop.cancelled();
+        tokio::pin!(cancelled);
+        let flush_sleep = tokio::time::sleep_until(Instant::now());
+        tokio::pin!(flush_sleep);
+        let refused = self.dead_letters.refused();
+        tokio::pin!(refused);
         let end = loop {
             let steered = if self.must_steer() {
                 tokio::select! {
                     biased;
                     // A shutdown is not held up by a consumer restart: the loop drains.
-                    () = stop.cancelled() => Ok(()),
+                    () = &mut cancelled => Ok(()),
                     steered = self.steer() => steered,
                 }
             } else {
@@ -271,10 +282,15 @@ impl Session {
             }
             let receiving = !full;
             let flush_timer = deadline.filter(|_| in_flight.is_none());
+            if let Some(at) = flush_timer
+                && flush_sleep.deadline() != at
+            {
+                flush_sleep.as_mut().reset(at);
+            }
             let pause_check = paused.then(|| Instant::now() + PAUSE_CHECK);
             tokio::select! {
                 biased;
-                () = stop.cancelled() => {
+                () = &mut cancelled => {
                     break self.drain(std::mem::take(&mut batch), in_flight.take()).await;
                 }
                 outcome = join(&mut in_flight) => {
@@ -284,8 +300,8 @@ impl Session {
                         other => break end_of(other),
                     }
                 }
-                () = self.dead_letters.refused() => break End::Redeclare,
-                () = sleep_until(flush_timer) => {}
+                () = &mut refused => break End::Redeclare,
+                () = &mut flush_sleep, if flush_timer.is_some() => {}
                 () = sleep_until(pause_check) => {}
                 _ = stats_tick.tick() => {
                     self.refresh_queue_depth().await;
@@ -305,17 +321,14 @@ impl Session {
                         }
                     }
                 }
-                delivery = next_running(&mut self.consumer), if receiving && self.consumer.is_some() => match delivery {
-                    Some(Ok(delivery)) => {
-                        if let Err(e) = self.accept(delivery, &mut batch).await {
-                            break End::BrokerLost(format!("dead-lettering failed: {e}"));
-                        }
+                delivery = next_running(&mut self.consumer), if receiving && self.consumer.is_some() => {
+                    if let Err(end) = self.take(delivery, &mut batch).await {
+                        break end;
                     }
-                    Some(Err(e)) => break End::BrokerLost(e.to_string()),
-                    None => break End::BrokerLost(
-                        "the broker cancelled the consumer (queue deleted or node going down)".to_owned(),
-                    ),
-                },
+                    if let Err(end) = self.take_ready(&mut batch, batch_bytes).await {
+                        break end;
+                    }
+                }
             }
         };
         let mut end = end;
@@ -464,6 +477,50 @@ impl Session {
             );
         }
         self.dead_letters.stop();
+    }
+
+    /// What the running consumer's stream gave: a delivery is accepted; an error or the
+    /// stream's end ends the session.
+    async fn take(
+        &mut self,
+        delivery: Option<Result<Delivery, lapin::Error>>,
+        batch: &mut Batch,
+    ) -> Result<(), End> {
+        match delivery {
+            Some(Ok(delivery)) => self
+                .accept(delivery, batch)
+                .await
+                .map_err(|e| End::BrokerLost(format!("dead-lettering failed: {e}"))),
+            Some(Err(e)) => Err(End::BrokerLost(e.to_string())),
+            None => Err(End::BrokerLost(
+                "the broker cancelled the consumer (queue deleted or node going down)".to_owned(),
+            )),
+        }
+    }
+
+    /// Accepts the deliveries that are already here, up to [`READY_BURST`], without
+    /// another turn of the loop: a backlog arrives faster than one `select!` per message
+    /// can take it cheaply. Stops where the loop has something to decide: the batch is
+    /// full, the byte budget wants the consumer steered, or a cancelled consumer still
+    /// has deliveries (they come first: their tags are lower).
+    async fn take_ready(&mut self, batch: &mut Batch, batch_bytes: usize) -> Result<(), End> {
+        let max_rows = self.shared.config.batch_size;
+        for _ in 0..READY_BURST {
+            if batch.is_full(max_rows, batch_bytes)
+                || self.must_steer()
+                || !self.draining.is_empty()
+            {
+                break;
+            }
+            let Some(running) = &mut self.consumer else {
+                break;
+            };
+            let Some(delivery) = running.stream.next().now_or_never() else {
+                break;
+            };
+            self.take(delivery, batch).await?;
+        }
+        Ok(())
     }
 
     /// Decodes one delivery into the batch, or dead-letters it.
