@@ -335,7 +335,7 @@ impl<'a> Row<'a> {
                 });
             }
         }
-        if nesting_depth(json.as_bytes()) > MAX_NESTING {
+        if too_deep(json.as_bytes()) {
             return Err(InvalidMessage::new(
                 NotJson,
                 format!("body nests arrays or objects deeper than {MAX_NESTING} levels"),
@@ -473,6 +473,16 @@ impl<'a> Row<'a> {
 /// Deepest nesting of arrays and objects accepted anywhere in a body. A click event is
 /// flat; this refuses pathological bodies before they are parsed.
 const MAX_NESTING: usize = 32;
+
+/// Whether `json` nests arrays or objects deeper than [`MAX_NESTING`]. A body with no
+/// more opening brackets than that cannot, so the exact walk ([`nesting_depth`]) is only
+/// taken by the rare body that has more: memchr finds the brackets with SIMD, the walk
+/// takes a branch per byte (callgrind: the walk was a tenth of the consumer's own
+/// instructions per click).
+fn too_deep(json: &[u8]) -> bool {
+    let openers = memchr::memchr2_iter(b'[', b'{', json).count();
+    openers > MAX_NESTING && nesting_depth(json) > MAX_NESTING
+}
 
 /// The deepest nesting of `[`/`{` outside strings (a single pass over the bytes).
 fn nesting_depth(json: &[u8]) -> usize {
@@ -639,6 +649,20 @@ mod tests {
             "]".repeat(MAX_NESTING - 1)
         );
         Row::decode(ok.as_bytes(), usize::MAX).expect("nesting up to the limit is fine");
+        let deeper = format!(
+            "{{\"short_code\":\"x\",\"timestamp\":\"2024-01-15T10:30:00Z\",\"x\":{}{}}}",
+            "[".repeat(MAX_NESTING),
+            "]".repeat(MAX_NESTING)
+        );
+        let err = Row::decode(deeper.as_bytes(), usize::MAX).expect_err("one level too deep");
+        assert!(err.to_string().contains("deeper than 32"), "{err}");
+        // Many brackets, shallow: the count alone does not refuse.
+        let shallow = format!(
+            "{{\"short_code\":\"x{}\",\"timestamp\":\"2024-01-15T10:30:00Z\",\"x\":[{}]}}",
+            "[{".repeat(100),
+            "{},".repeat(100).trim_end_matches(',')
+        );
+        Row::decode(shallow.as_bytes(), usize::MAX).expect("many brackets, depth 2");
     }
 
     #[test]
