@@ -15,9 +15,10 @@
 //!
 //! - the same RabbitMQ cluster restarted node by node (SIGTERM, start, next node);
 //! - the same RabbitMQ cluster with the node holding the queue's leader cut off from the
-//!   other two for 30 s (its Erlang distribution traffic dropped), then healed.
+//!   other two for 30 s (its Erlang distribution traffic dropped), then healed;
+//! - the same with a node that does not hold the leader.
 //!
-//! The three RabbitMQ scenarios share one cluster (each with its own queue and
+//! The four RabbitMQ scenarios share one cluster (each with its own queue and
 //! database), started once: a cluster takes 15-30 s to form.
 //!
 //! It prints a Markdown table and a closing `cluster: N passed, N failed` line (no libtest
@@ -466,7 +467,7 @@ fn clickhouse_scenario(
                     || (line.contains("executeQuery") && line.contains("INSERT"))
                     || line.contains("<Error>")
             }) {
-                let short: String = line.chars().take(230).collect();
+                let short: String = line.chars().take(320).collect();
                 println!("replica {} log: {short}", index + 1);
             }
         }
@@ -476,13 +477,17 @@ fn clickhouse_scenario(
     outcome.dead_letters = stack
         .queue_counts(&stack.dead_letter_queue())
         .map_or(0, |(ready, unacked)| ready + unacked);
+    let window = cluster.replica(0).query(
+        "SELECT value FROM system.merge_tree_settings WHERE name = 'replicated_deduplication_window'",
+    );
     let replication = if converged {
         format!("{} rows on each replica", outcome.rows)
     } else {
         format!("replicas NOT converged after 30 s: (rows, distinct) {first:?} and {second:?}")
     };
     outcome.note += &format!(
-        "{replication}; {retries} INSERTs retried after backoff (failovers to the other replica are immediate and not counted)"
+        "{replication}; {retries} INSERTs retried after backoff (failovers to the other replica are immediate and not counted); replicated_deduplication_window {}",
+        window.trim()
     );
     outcome
 }
@@ -526,6 +531,8 @@ enum BrokerFault {
     /// Cut the node holding the quorum queue's leader off from the other two for
     /// `PARTITION`, then heal.
     LeaderPartitioned,
+    /// The same with a node that does not hold the leader (a follower).
+    FollowerPartitioned,
 }
 
 /// How long the partitioned node stays cut off.
@@ -542,6 +549,9 @@ impl BrokerFault {
             }
             BrokerFault::LeaderPartitioned => {
                 "RabbitMQ: 3-node cluster, quorum queue, leader node cut off for 30 s, then healed"
+            }
+            BrokerFault::FollowerPartitioned => {
+                "RabbitMQ: 3-node cluster, quorum queue, a follower node (not the leader) cut off for 30 s, then healed"
             }
         }
     }
@@ -565,6 +575,9 @@ struct CutOffSeen {
     paused: f64,
     /// Per replica, when it stored rows again after both of the above.
     each: Vec<f64>,
+    /// Per replica, the longest time in seconds its stored rows did not grow, from
+    /// the cut until every replica stored again after the pause.
+    longest_gap: Vec<f64>,
     /// The node leading the queue once every replica stored again.
     new_leader: Option<usize>,
     /// When the queue's new leader was elected, from the nodes' logs.
@@ -597,6 +610,11 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
         let mut paused = None;
         let mut baseline: Option<Vec<u64>> = None;
         let mut each: Vec<Option<f64>> = Vec::new();
+        // Per replica: its rows inserted at the last look, when they last grew, and the
+        // longest time they did not grow since the cut.
+        let mut last = (self.inserted)();
+        let mut grew = vec![0.0; last.len()];
+        let mut longest_gap = vec![0.0_f64; last.len()];
         loop {
             assert!(
                 fault.elapsed() < limit,
@@ -604,6 +622,14 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
                  (the cut-off node paused: {paused:?} s; everything confirmed before stored: {stored:?} s)"
             );
             let elapsed = fault.elapsed().as_secs_f64();
+            let now = (self.inserted)();
+            for (i, rows) in now.iter().enumerate() {
+                if *rows > last[i] {
+                    grew[i] = elapsed;
+                }
+                longest_gap[i] = longest_gap[i].max(elapsed - grew[i]);
+            }
+            last = now;
             if paused.is_none() && !(self.victim_serves)() {
                 paused = Some(elapsed);
             }
@@ -612,13 +638,11 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
             }
             match (&baseline, stored, paused) {
                 (None, Some(_), Some(_)) => {
-                    let now = (self.inserted)();
-                    each = vec![None; now.len()];
-                    baseline = Some(now);
+                    each = vec![None; last.len()];
+                    baseline = Some(last.clone());
                 }
                 (Some(then), Some(stored), Some(paused)) => {
-                    let now = (self.inserted)();
-                    for ((seen, now), then) in each.iter_mut().zip(&now).zip(then) {
+                    for ((seen, now), then) in each.iter_mut().zip(&last).zip(then) {
                         if seen.is_none() && now > then {
                             *seen = Some(elapsed);
                         }
@@ -628,6 +652,7 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
                             stored,
                             paused,
                             each: each.into_iter().flatten().collect(),
+                            longest_gap,
                             new_leader: None,
                             elected: None,
                         };
@@ -840,12 +865,38 @@ fn rabbitmq_scenario(
                 thread::sleep(Duration::from_secs(2));
             }
         }
-        BrokerFault::LeaderPartitioned => {
+        BrokerFault::LeaderPartitioned | BrokerFault::FollowerPartitioned => {
+            // The replicas consuming through node `node` (they move once it pauses; the
+            // others keep their sessions).
+            let consumers_on = |node: usize| {
+                let node_port = cluster.port(node);
+                replicas
+                    .services
+                    .iter()
+                    .filter(|(_, port)| {
+                        http_get(*port, "/metrics").lines().any(|line| {
+                            line.starts_with("click_consumer_node_in_use")
+                                && line.contains(&format!(":{node_port}\""))
+                                && line.ends_with(" 1")
+                        })
+                    })
+                    .count()
+            };
+            // A follower: the one most replicas consume through, if any does.
+            let victim = if fault_kind == BrokerFault::LeaderPartitioned {
+                leader
+            } else {
+                (0..cluster.len())
+                    .filter(|node| *node != leader)
+                    .max_by_key(|node| consumers_on(*node))
+                    .expect("a follower")
+            };
+            let on_victim = consumers_on(victim);
             let stored_before = |target| stored_of(clickhouse, &table, &tag, target).0 >= target;
             let (seen, rejoined) = cut_off_and_heal(
                 cluster,
                 &queue,
-                leader,
+                victim,
                 &publisher,
                 &replicas,
                 stored_before,
@@ -855,11 +906,16 @@ fn rabbitmq_scenario(
                 "every click confirmed before it stored, then every replica storing rows again";
             new_leader = seen.new_leader;
             let each: Vec<String> = seen.each.iter().map(|s| format!("{s:.1}")).collect();
+            let gaps: Vec<String> = seen.longest_gap.iter().map(|s| format!("{s:.1}")).collect();
             partition_note = format!(
-                "; the cut-off node paused (closed its AMQP listener) after {:.1} s, the queue's new leader was elected after {} s (nodes' logs), the replicas stored again after {} s; after the heal it was back in the cluster in {rejoined:.1} s",
+                "; node {victim} was cut off ({on_victim} of the {REPLICAS} replicas consumed through it); it paused (closed its AMQP listener) after {:.1} s; the queue's leader: {} (nodes' logs); the replicas stored again after {} s (counted once the node paused), their longest times without storing a row since the cut {} s; after the heal it was back in the cluster in {rejoined:.1} s",
                 seen.paused,
-                seen.elected.map_or("?".to_string(), |s| format!("{s:.1}")),
+                seen.elected
+                    .map_or("kept, no election".to_string(), |s| format!(
+                        "elected anew after {s:.1} s"
+                    )),
                 each.join(", "),
+                gaps.join(", "),
             );
         }
     }
@@ -909,6 +965,7 @@ fn main() -> ExitCode {
         BrokerFault::LeaderKilled,
         BrokerFault::RollingRestart,
         BrokerFault::LeaderPartitioned,
+        BrokerFault::FollowerPartitioned,
     ]
     .into_iter()
     .filter(|fault| selected(fault.scenario_name()))
