@@ -665,7 +665,7 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
     }
 }
 
-/// Cuts node `victim` (the queue's leader) off for `PARTITION` while the stream flows,
+/// Cuts node `victim` (the queue's leader or a follower) off for `PARTITION` while the stream flows,
 /// then heals the partition; returns what was seen after the cut and the seconds from
 /// the heal until every node sees the whole cluster again.
 fn cut_off_and_heal(
