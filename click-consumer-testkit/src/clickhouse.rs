@@ -285,11 +285,14 @@ impl ClickHouse {
 }
 
 fn config_xml(dir: &str, http_port: u16, tcp_port: u16) -> String {
+    // `TESTKIT_CLICKHOUSE_LOG_LEVEL=debug` logs every query with its client's port.
+    let level =
+        std::env::var("TESTKIT_CLICKHOUSE_LOG_LEVEL").unwrap_or_else(|_| "information".into());
     format!(
         r#"<?xml version="1.0"?>
 <yandex>
     <logger>
-        <level>information</level>
+        <level>{level}</level>
         <log>{dir}/log/clickhouse-server.log</log>
         <errorlog>{dir}/log/clickhouse-server.err.log</errorlog>
         <console>0</console>

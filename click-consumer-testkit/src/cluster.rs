@@ -193,6 +193,16 @@ pub struct ClickHouseCluster {
 }
 
 impl ClickHouseCluster {
+    /// How many of the latest blocks (INSERTs) a Replicated table remembers, in
+    /// ZooKeeper, to drop a block inserted again (`replicated_deduplication_window`,
+    /// 100 by default, set here for every MergeTree table in the replicas' config). An
+    /// INSERT that was committed but whose answer was lost is retried only after the
+    /// consumer's 60 s timeout: with 100, the retry of a replica that hung found its
+    /// first attempt forgotten after 282 other blocks and stored it twice. A retry must
+    /// come within this many blocks of the first attempt: 2000 covers the 60 s at about
+    /// 30 INSERTs a second.
+    pub const DEDUPLICATION_WINDOW: u32 = 2000;
+
     /// Starts ZooKeeper, then `replicas` ClickHouse servers in the cluster `testkit`.
     ///
     /// # Panics
@@ -225,10 +235,12 @@ impl ClickHouseCluster {
         <{name}><shard><internal_replication>true</internal_replication>{members}</shard></{name}>
     </remote_servers>
     <distributed_ddl><path>/clickhouse/task_queue/ddl</path></distributed_ddl>
+    <merge_tree><replicated_deduplication_window>{window}</replicated_deduplication_window></merge_tree>
 </yandex>
 "#,
                 zk = zookeeper.port(),
                 name = Self::NAME,
+                window = Self::DEDUPLICATION_WINDOW,
             );
             let dir = server.dir().join("config.d");
             fs::create_dir_all(&dir).expect("config.d");
