@@ -26,6 +26,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A session that lasted this long resets the reconnect backoff; one that fails sooner
 /// (a broker that accepts connections, then drops them) keeps backing off.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// A session lost sooner than this is a broker (or a message) that ends every session at
+/// once: the next one waits for the backoff. A longer one reconnects at once, so a node
+/// going down costs no waiting.
+const FLAPPING_SESSION: Duration = Duration::from_secs(1);
 
 /// Consumers created in this process, to give each a distinct default tag.
 static CREATED: AtomicUsize = AtomicUsize::new(0);
@@ -231,9 +235,20 @@ impl Consumer {
                 End::Shutdown => return Ok(self.finish()),
                 End::Fatal(e) => return Err(e),
                 End::BrokerLost(reason) => {
-                    log::warn!("lost the RabbitMQ session: {reason}; reconnecting");
                     let (lost, _, _) = self.shared.brokers.in_use();
                     self.shared.brokers.advance(lost, &"connection lost");
+                    let lasted = opened.elapsed();
+                    if lasted < FLAPPING_SESSION {
+                        let delay = backoff.next_delay();
+                        log::warn!(
+                            "lost the RabbitMQ session {lasted:?} after it opened: {reason}; reconnecting in {delay:?}"
+                        );
+                        if !sleep_or_stop(delay, &stop).await {
+                            return Ok(self.finish());
+                        }
+                    } else {
+                        log::warn!("lost the RabbitMQ session: {reason}; reconnecting");
+                    }
                     "lost"
                 }
                 End::Redeclare => {
