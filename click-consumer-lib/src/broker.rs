@@ -93,8 +93,8 @@ pub(crate) fn nodes(list: &str) -> Result<Endpoints<AMQPUri>> {
 /// (credentials, vhost) end the round at once.
 ///
 /// `purpose` goes into the connection's name (`<consumer tag> (<purpose>)`), as shown in
-/// the management UI: the consumer opens one connection to consume and one to publish
-/// dead letters.
+/// the management UI: the consumer opens one connection to consume and, at the first
+/// invalid message, one to publish dead letters.
 pub(crate) async fn connect(
     nodes: &Endpoints<AMQPUri>,
     config: &Config,
@@ -341,7 +341,10 @@ mod tests {
 
     #[test]
     fn the_broker_sets_the_frame_size_unless_the_url_does() {
-        assert_eq!(parse_url("amqp://localhost/").unwrap().query.frame_max, None);
+        assert_eq!(
+            parse_url("amqp://localhost/").unwrap().query.frame_max,
+            None
+        );
         let uri = parse_url("amqp://localhost/?frame_max=16384").unwrap();
         assert_eq!(uri.query.frame_max, Some(16_384));
     }

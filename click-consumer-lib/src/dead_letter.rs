@@ -132,18 +132,18 @@ struct IdSource {
 }
 
 impl DeadLetters {
-    /// Starts the outbox on its own connection. Without a dead-letter queue (dead-lettering
-    /// disabled) invalid messages are rejected instead, and no connection is opened.
-    ///
-    /// # Errors
-    /// The dead-letter connection could not be opened.
-    pub(crate) async fn start(
+    /// Starts the outbox. Its connection of its own is opened for the first invalid
+    /// message, not before: lapin holds 8 MiB of buffers per connection (at the broker's
+    /// default frame size), which a stream of valid clicks never needs. Without a
+    /// dead-letter queue (dead-lettering disabled) invalid messages are rejected instead,
+    /// and no connection is opened.
+    pub(crate) fn start(
         config: &Arc<Config>,
         brokers: Arc<Brokers>,
         acker: Acker,
         metrics: Arc<Metrics>,
         consumer_tag: String,
-    ) -> Result<Self, lapin::Error> {
+    ) -> Self {
         let state = Arc::new(OutboxState::default());
         let ids = Arc::new(IdSource {
             prefix: format!(
@@ -155,14 +155,13 @@ impl DeadLetters {
         let outbox = match config.dead_letter_queue() {
             None => None,
             Some(queue) => {
-                let channel = open_channel(config, &brokers, &metrics).await?;
                 let (sender, receiver) = mpsc::unbounded_channel();
                 let outbox = Outbox {
                     config: config.clone(),
                     queue,
                     brokers,
                     receiver,
-                    channel: Some(channel),
+                    channel: None,
                     acker: acker.clone(),
                     metrics: metrics.clone(),
                     state: state.clone(),
@@ -179,14 +178,14 @@ impl DeadLetters {
                 Some(sender)
             }
         };
-        Ok(DeadLetters {
+        DeadLetters {
             outbox,
             acker,
             metrics,
             consumer_tag,
             ids,
             state,
-        })
+        }
     }
 
     /// Dead-letters the message with delivery tag `tag` because of `reason`: hands a copy

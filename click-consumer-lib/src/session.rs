@@ -164,8 +164,7 @@ impl Session {
             acker.clone(),
             shared.metrics.clone(),
             shared.consumer_tag.clone(),
-        )
-        .await?;
+        );
         let consumer = consume
             .basic_consume(
                 ShortString::from(config.queue.as_str()),
