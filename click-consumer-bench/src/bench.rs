@@ -32,6 +32,8 @@ pub(crate) struct Bench {
     pub(crate) prefetch: u16,
     /// The consumer's `BATCH_SIZE` (default or overridden): the reference's ack interval.
     pub(crate) batch_size: usize,
+    /// The consumer's `BATCH_TIMEOUT_MS` (default or overridden): the latency target's base.
+    pub(crate) batch_timeout_ms: u64,
 }
 
 impl Bench {
@@ -82,6 +84,8 @@ pub(crate) fn run(args: &BenchArgs) -> anyhow::Result<()> {
         own_binary,
         prefetch: consumer_config.prefetch(),
         batch_size: consumer_config.batch_size(),
+        batch_timeout_ms: u64::try_from(consumer_config.batch_timeout().as_millis())
+            .unwrap_or(u64::MAX),
     };
     let machine = Machine::describe(&bench.servers);
     let drains = drains(&bench)?;

@@ -10,7 +10,6 @@ use std::{
 };
 
 use anyhow::Context;
-use click_consumer::config::defaults;
 use lapin::{
     BasicProperties, Confirmation, Connection, ConnectionProperties, PublisherConfirm,
     options::{BasicPublishOptions, ConfirmSelectOptions},
@@ -243,7 +242,7 @@ fn latencies_ms(published: &[Instant], seen: &[Option<Instant>]) -> Vec<f64> {
         .collect()
 }
 
-/// The target: p99 at most `BATCH_TIMEOUT_MS` + 250 ms.
-pub(crate) fn p99_limit_ms() -> f64 {
-    defaults::BATCH_TIMEOUT_MS as f64 + 250.0
+/// The target: p99 at most the consumer's `BATCH_TIMEOUT_MS` + 250 ms.
+pub(crate) fn p99_limit_ms(batch_timeout_ms: u64) -> f64 {
+    batch_timeout_ms as f64 + 250.0
 }

@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::Context;
-use click_consumer::config::defaults;
 use serde::Serialize;
 
 use crate::bench::Bench;
@@ -156,7 +155,7 @@ impl Results {
             messages: args.messages,
             repeats: args.repeats,
             batch_size: bench.batch_size,
-            batch_timeout_ms: defaults::BATCH_TIMEOUT_MS,
+            batch_timeout_ms: bench.batch_timeout_ms,
             prefetch: bench.prefetch,
             consumer_env: args.consumer_env.clone(),
             latency_rate: latency.as_ref().map(|l| l.target_rate),
@@ -255,7 +254,7 @@ fn checks(
             Some(worst.map_or(rss, |w| w.max(rss)))
         });
     let ratios = summaries.ratios.as_ref();
-    let p99_limit = latency::p99_limit_ms();
+    let p99_limit = latency::p99_limit_ms(settings.batch_timeout_ms);
     vec![
         Check::new(
             format!("drain rate >= {MIN_RATE_RATIO} x reference (median)"),
@@ -374,7 +373,7 @@ fn print_header(results: &Results) {
         m.rabbitmq, m.clickhouse
     );
     println!(
-        "click-consumer at its defaults: BATCH_SIZE {}, BATCH_TIMEOUT_MS {}, prefetch {}{}",
+        "click-consumer: BATCH_SIZE {}, BATCH_TIMEOUT_MS {}, prefetch {}{}",
         s.batch_size,
         s.batch_timeout_ms,
         s.prefetch,

@@ -488,6 +488,11 @@ impl Config {
         self.batch_size
     }
 
+    /// The longest a row waits for its batch to fill.
+    pub fn batch_timeout(&self) -> Duration {
+        self.batch_timeout
+    }
+
     /// The prefetch count in effect.
     pub fn prefetch(&self) -> u16 {
         self.prefetch
