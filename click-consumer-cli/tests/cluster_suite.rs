@@ -201,6 +201,21 @@ struct Replicas {
 }
 
 impl Replicas {
+    /// How many replicas report the node whose label contains `node` as in use
+    /// (`click_consumer_node_in_use{…} 1`, RabbitMQ or ClickHouse).
+    fn using(&self, node: &str) -> usize {
+        self.services
+            .iter()
+            .filter(|(_, port)| {
+                http_get(*port, "/metrics").lines().any(|line| {
+                    line.starts_with("click_consumer_node_in_use")
+                        && line.contains(node)
+                        && line.ends_with(" 1")
+                })
+            })
+            .count()
+    }
+
     fn start(stack: &Stack<'_>, env: &[(&str, &str)]) -> Replicas {
         Replicas::spawn(&stack.queue, env, |all| stack.spawn(all))
     }
@@ -322,18 +337,10 @@ fn replica_hung(
 ) {
     // The replica most consumers use.
     let users = |index: usize| {
-        let node = format!("node=\"127.0.0.1:{}\"", cluster.replica(index).http_port());
-        replicas
-            .services
-            .iter()
-            .filter(|(_, port)| {
-                http_get(*port, "/metrics").lines().any(|line| {
-                    line.starts_with("click_consumer_node_in_use")
-                        && line.contains(&node)
-                        && line.ends_with(" 1")
-                })
-            })
-            .count()
+        replicas.using(&format!(
+            "node=\"127.0.0.1:{}\"",
+            cluster.replica(index).http_port()
+        ))
     };
     let victim = if users(0) >= users(1) { 0 } else { 1 };
     outcome.note = format!(
@@ -868,20 +875,7 @@ fn rabbitmq_scenario(
         BrokerFault::LeaderPartitioned | BrokerFault::FollowerPartitioned => {
             // The replicas consuming through node `node` (they move once it pauses; the
             // others keep their sessions).
-            let consumers_on = |node: usize| {
-                let node_port = cluster.port(node);
-                replicas
-                    .services
-                    .iter()
-                    .filter(|(_, port)| {
-                        http_get(*port, "/metrics").lines().any(|line| {
-                            line.starts_with("click_consumer_node_in_use")
-                                && line.contains(&format!(":{node_port}\""))
-                                && line.ends_with(" 1")
-                        })
-                    })
-                    .count()
-            };
+            let consumers_on = |node: usize| replicas.using(&format!(":{}\"", cluster.port(node)));
             // A follower: the one most replicas consume through, if any does.
             let victim = if fault_kind == BrokerFault::LeaderPartitioned {
                 leader
