@@ -589,6 +589,8 @@ struct CutOffSeen {
     new_leader: Option<usize>,
     /// When the queue's new leader was elected, from the nodes' logs.
     elected: Option<f64>,
+    /// The cut-off node did not rejoin by itself after the heal and was restarted.
+    restarted: bool,
 }
 
 impl CutOffSeen {
@@ -662,6 +664,7 @@ impl<S: FnMut() -> bool, I: FnMut() -> Vec<u64>, V: FnMut() -> bool> CutOff<S, I
                             longest_gap,
                             new_leader: None,
                             elected: None,
+                            restarted: false,
                         };
                     }
                 }
@@ -697,7 +700,19 @@ fn cut_off_and_heal(
     thread::sleep(PARTITION.saturating_sub(fault.elapsed()));
     let healed = Instant::now();
     partition.heal();
-    wait_cluster_whole(cluster);
+    // The paused node rejoins by itself (pause_minority), but twice in about fifteen
+    // runs (2026-11-30) it stayed paused after the heal, OTP's `global` "faking
+    // nodedown/nodeup" in its log: RabbitMQ's rejoin, not the consumers, which had long
+    // moved to the majority. Then it is restarted, and the note says so.
+    if !cluster_whole_within(cluster, Duration::from_secs(90)) {
+        println!(
+            "node {victim} did not rejoin within 90 s of the heal; restarting it. The cluster then:\n{}",
+            cluster_report(cluster)
+        );
+        cluster.restart(victim);
+        wait_cluster_whole(cluster);
+        seen.restarted = true;
+    }
     seen.elected = print_timeline(cluster, fault_wall, queue);
     if std::env::var("CLUSTER_SUITE_TIMELINE_ALL").is_ok() {
         let expr = "application:get_env(aten, poll_interval).";
@@ -777,10 +792,22 @@ fn print_timeline(
 /// # Panics
 /// After 90 s, with what each node sees and the end of its log.
 fn wait_cluster_whole(cluster: &RabbitMqCluster) {
-    let whole = |i| cluster.running_nodes_seen_by(i).len() == cluster.len();
-    if support_wait(Duration::from_secs(90), || (0..cluster.len()).all(whole)) {
-        return;
+    if !cluster_whole_within(cluster, Duration::from_secs(90)) {
+        panic!(
+            "the RabbitMQ cluster was not whole again within 90 s:\n{}",
+            cluster_report(cluster)
+        );
     }
+}
+
+/// Whether every node lists all of them as running within `limit`.
+fn cluster_whole_within(cluster: &RabbitMqCluster, limit: Duration) -> bool {
+    let whole = |i| cluster.running_nodes_seen_by(i).len() == cluster.len();
+    support_wait(limit, || (0..cluster.len()).all(whole))
+}
+
+/// What each node sees of the cluster, and the end of its log.
+fn cluster_report(cluster: &RabbitMqCluster) -> String {
     let report: Vec<String> = (0..cluster.len())
         .map(|i| {
             let log = cluster.log_lines(i, "");
@@ -791,10 +818,7 @@ fn wait_cluster_whole(cluster: &RabbitMqCluster) {
             )
         })
         .collect();
-    panic!(
-        "the RabbitMQ cluster was not whole again within 90 s:\n{}",
-        report.join("\n\n")
-    );
+    report.join("\n\n")
 }
 
 fn rabbitmq_scenario(
@@ -902,7 +926,7 @@ fn rabbitmq_scenario(
             let each: Vec<String> = seen.each.iter().map(|s| format!("{s:.1}")).collect();
             let gaps: Vec<String> = seen.longest_gap.iter().map(|s| format!("{s:.1}")).collect();
             partition_note = format!(
-                "; node {victim} was cut off ({on_victim} of the {REPLICAS} replicas consumed through it); it paused (closed its AMQP listener) after {:.1} s; the queue's leader: {} (nodes' logs); the replicas stored again after {} s (counted once the node paused), their longest times without storing a row since the cut {} s; after the heal it was back in the cluster in {rejoined:.1} s",
+                "; node {victim} was cut off ({on_victim} of the {REPLICAS} replicas consumed through it); it paused (closed its AMQP listener) after {:.1} s; the queue's leader: {} (nodes' logs); the replicas stored again after {} s (counted once the node paused), their longest times without storing a row since the cut {} s; after the heal it was back in the cluster in {rejoined:.1} s{}",
                 seen.paused,
                 seen.elected
                     .map_or("kept, no election".to_string(), |s| format!(
@@ -910,6 +934,11 @@ fn rabbitmq_scenario(
                     )),
                 each.join(", "),
                 gaps.join(", "),
+                if seen.restarted {
+                    " (it stayed paused for 90 s and was restarted: RabbitMQ's rejoin, see the README)"
+                } else {
+                    ""
+                },
             );
         }
     }
