@@ -308,15 +308,14 @@ impl Session {
                 }
                 delivery = next_of(&mut self.draining), if receiving && !self.draining.is_empty() => {
                     match delivery {
-                        Some(Ok(delivery)) => {
-                            if let Err(e) = self.accept(delivery, &mut batch).await {
-                                break End::BrokerLost(format!("dead-lettering failed: {e}"));
-                            }
-                        }
-                        Some(Err(e)) => break End::BrokerLost(e.to_string()),
                         // The cancelled consumer's last delivery is in.
                         None => {
                             self.draining.remove(0);
+                        }
+                        delivery => {
+                            if let Err(end) = self.take(delivery, &mut batch).await {
+                                break end;
+                            }
                         }
                     }
                 }
@@ -478,8 +477,8 @@ impl Session {
         self.dead_letters.stop();
     }
 
-    /// What the running consumer's stream gave: a delivery is accepted; an error or the
-    /// stream's end ends the session.
+    /// What a consumer's stream gave: a delivery is accepted; an error, or the end of
+    /// the running consumer's stream, ends the session.
     async fn take(
         &mut self,
         delivery: Option<Result<Delivery, lapin::Error>>,
@@ -500,15 +499,13 @@ impl Session {
     /// Accepts the deliveries that are already here, up to [`READY_BURST`], without
     /// another turn of the loop: a backlog arrives faster than one `select!` per message
     /// can take it cheaply. Stops where the loop has something to decide: the batch is
-    /// full, the byte budget wants the consumer steered, or a cancelled consumer still
-    /// has deliveries (they come first: their tags are lower).
+    /// full, or the byte budget wants the consumer steered. (No cancelled consumer is
+    /// still draining while one runs: [`Session::steer`] starts the next only once they
+    /// are all drained, so tags still reach the ack ledger in order.)
     async fn take_ready(&mut self, batch: &mut Batch, batch_bytes: usize) -> Result<(), End> {
         let max_rows = self.shared.config.batch_size;
         for _ in 0..READY_BURST {
-            if batch.is_full(max_rows, batch_bytes)
-                || self.must_steer()
-                || !self.draining.is_empty()
-            {
+            if batch.is_full(max_rows, batch_bytes) || self.must_steer() {
                 break;
             }
             let Some(running) = &mut self.consumer else {
