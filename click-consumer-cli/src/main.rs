@@ -5,6 +5,7 @@
 mod args;
 mod demo;
 mod logging;
+mod malloc;
 mod serve;
 
 use std::{
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use crate::args::{Cli, Command};
 
 fn main() -> ExitCode {
+    malloc::tune();
     let cli = Cli::parse();
     let secrets = cli.settings.secrets();
     if let Err(e) = logging::init(&cli.log_level, secrets.clone()) {
