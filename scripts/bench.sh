@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark (issues 3 and 10): the release click-consumer against two no-work
 # reference consumers (click-consumer's own window: its prefetch, an ack per BATCH_SIZE,
-# 10,000 and 5,000 by default; and prefetch 1,000 with an ack per 100), on private RabbitMQ and ClickHouse servers started for the run (they stop
+# 7,000 and 3,500 by default; and prefetch 1,000 with an ack per 100), on private RabbitMQ and ClickHouse servers started for the run (they stop
 # with it); then large-message drains (2,000 and 5,000 valid clicks of ~700 KB: peak RSS,
 # MB/s); then the latency phase. Prints every run, min/median/max, the broker's CPU per
 # message, the targets with pass/fail and Markdown tables for the README; writes the

@@ -16,7 +16,7 @@
 //! let config = Config::default()
 //!     .with_rabbitmq_url("amqp://guest:guest@localhost:5672/")
 //!     .with_clickhouse_host("localhost")
-//!     .with_batch_size(5_000)
+//!     .with_batch_size(2_000)
 //!     .with_batch_timeout(Duration::from_millis(500));
 //! let consumer = Consumer::new(config)?;
 //! // Any future works as the shutdown trigger: a signal, a CancellationToken, a channel.
