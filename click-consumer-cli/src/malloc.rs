@@ -13,16 +13,20 @@
 //! unmapped every large message's body and the INSERT's compressed block each time; it
 //! cost 2.4× the CPU on 700 KB messages and about a fifth more on normal clicks.
 //!
-//! The environment wins: with `MALLOC_ARENA_MAX` set, glibc has read it before `main`
-//! and this leaves it alone. Other C libraries and other targets are not touched. The
+//! The environment wins: with `MALLOC_ARENA_MAX` (not empty) or the tunable
+//! `glibc.malloc.arena_max` in `GLIBC_TUNABLES` set, glibc has read it before `main` and
+//! this leaves it alone. Other C libraries and other targets are not touched. The
 //! library does none of this: an application that embeds it chooses its own allocator.
 
-/// Limits glibc to one arena unless `MALLOC_ARENA_MAX` says otherwise. Call first thing
+/// Limits glibc to one arena unless the environment sets the number of arenas. Call first thing
 /// in `main`, before any other thread starts.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[allow(unsafe_code)]
 pub(crate) fn tune() {
-    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    let tunable =
+        std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("glibc.malloc.arena_max"));
+    if set("MALLOC_ARENA_MAX") || tunable {
         return;
     }
     // SAFETY: `mallopt` takes two integers and only changes the allocator's parameters;

@@ -41,12 +41,13 @@ pub mod defaults {
     pub const CLICKHOUSE_TABLE_ENGINE: &str = "MergeTree()";
     /// `BATCH_SIZE`: rows per INSERT. ClickHouse wants thousands of rows per INSERT (each
     /// INSERT makes a part); 3,500 clicks of under 1 KB is under 3.5 MB, cheap to hold and
-    /// retry. The consumer holds two batches (one written while the next fills), so this
-    /// sets most of its memory while it drains a backlog. Measured (`scripts/bench.sh`,
-    /// 200,000 clicks, 2026-11-30): peak RSS 25.3 MiB at 5,000 against 22.8 at 3,500,
-    /// with no loss of rate or CPU (10,000 had held 9 MiB more than 5,000 the day
-    /// before); the broker spends less CPU per message on smaller windows. At normal
-    /// traffic a batch is written by `BATCH_TIMEOUT_MS` long before it fills.
+    /// retry. The consumer holds two batches (one written while the next fills): the
+    /// largest part of its memory that it controls while it drains a backlog. Measured
+    /// (`scripts/bench.sh`, 200,000 clicks, 2026-11-30): peak RSS 25.3 MiB at 5,000
+    /// against 22.8 at 3,500, with no loss of rate or CPU (10,000 had held 9 MiB more
+    /// than 5,000 the day before); the broker spends less CPU per message on smaller
+    /// windows. At normal traffic a batch is written by `BATCH_TIMEOUT_MS` long before it
+    /// fills.
     pub const BATCH_SIZE: usize = 3_500;
     /// `BATCH_TIMEOUT_MS`: the longest a row waits for its batch to fill. One second keeps
     /// rows visible quickly at low traffic while ClickHouse sees at most one INSERT a
