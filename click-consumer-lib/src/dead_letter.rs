@@ -64,8 +64,16 @@ pub mod headers {
     /// A unique id of the copy. A copy whose confirm was lost is published again with the
     /// same id, so a reader can drop the rare second copy.
     pub const ID: &str = "x-dead-letter-id";
+    /// Set when the original's own headers were left off the copy, to the size in bytes
+    /// of its encoded properties: with the headers above added they would not have fit
+    /// into one frame (the broker never splits a message's properties, and the client
+    /// refuses to send a frame over the negotiated size).
+    pub const ORIGINAL_HEADERS_DROPPED: &str = "x-original-headers-dropped";
 }
 
+/// A content header frame's bytes besides the properties: the frame's type, channel and
+/// size (7) and end octet (1); the class, weight and body size (12).
+const HEADER_FRAME_OVERHEAD: usize = 20;
 /// Longest reason text put into a header.
 const MAX_REASON_CHARS: usize = 1000;
 /// The most copies published in one round.
@@ -107,6 +115,8 @@ pub(crate) struct DeadLetters {
     consumer_tag: String,
     ids: Arc<IdSource>,
     state: Arc<OutboxState>,
+    /// The negotiated `frame_max`: a copy's properties must fit into one frame.
+    frame_max: usize,
 }
 
 /// What the outbox shares with its senders.
@@ -143,6 +153,7 @@ impl DeadLetters {
         acker: Acker,
         metrics: Arc<Metrics>,
         consumer_tag: String,
+        frame_max: u32,
     ) -> Self {
         let state = Arc::new(OutboxState::default());
         let ids = Arc::new(IdSource {
@@ -185,6 +196,7 @@ impl DeadLetters {
             consumer_tag,
             ids,
             state,
+            frame_max: frame_max as usize,
         }
     }
 
@@ -213,7 +225,13 @@ impl DeadLetters {
         );
         let copy = Copy {
             tag,
-            properties: copy_properties(origin, reason, &self.consumer_tag, &id),
+            properties: fitted_copy_properties(
+                origin,
+                reason,
+                &self.consumer_tag,
+                &id,
+                self.frame_max,
+            ),
             id,
             kind: reason.kind(),
             body,
@@ -281,15 +299,60 @@ impl DeadLetters {
     }
 }
 
+/// [`copy_properties`], without the original's own headers if the copy's properties
+/// would not fit into a frame of `frame_max` bytes with them. The original fitted, but the
+/// added headers (up to about 1.2 KiB) can push one with nearly a frame of headers over;
+/// such a copy could never be sent, and the outbox would retry it forever.
+fn fitted_copy_properties(
+    origin: &Origin,
+    reason: &InvalidMessage,
+    consumer_tag: &str,
+    id: &str,
+    frame_max: usize,
+) -> BasicProperties {
+    let copy = copy_properties(origin, reason, consumer_tag, id, true);
+    let size = encoded_size(&copy);
+    if frame_max == 0 || size + HEADER_FRAME_OVERHEAD <= frame_max {
+        return copy;
+    }
+    log::warn!(
+        "dead letter {id}: the original's headers are left off the copy: with the reason \
+         headers its properties take {size} bytes, more than a frame of {frame_max} holds"
+    );
+    let original = encoded_size(&origin.properties);
+    let copy = copy_properties(origin, reason, consumer_tag, id, false);
+    let mut headers = copy.headers().clone().unwrap_or_default();
+    headers.insert(
+        ShortString::from(headers::ORIGINAL_HEADERS_DROPPED),
+        AMQPValue::LongLongInt(i64::try_from(original).unwrap_or(i64::MAX)),
+    );
+    copy.with_headers(headers)
+}
+
+/// The bytes `properties` take in a content header frame, as the client encodes them.
+fn encoded_size(properties: &BasicProperties) -> usize {
+    cookie_factory::gen_simple(
+        lapin::protocol::basic::gen_properties(properties),
+        Vec::new(),
+    )
+    .map_or(usize::MAX, |bytes| bytes.len())
+}
+
 /// The original's properties, always persistent, without `expiration` (kept in a header),
-/// with the reason added to the headers.
+/// with the reason added to the headers (to the original's own headers when
+/// `with_original_headers`).
 fn copy_properties(
     origin: &Origin,
     reason: &InvalidMessage,
     consumer_tag: &str,
     id: &str,
+    with_original_headers: bool,
 ) -> BasicProperties {
-    let mut headers = origin.properties.headers().clone().unwrap_or_default();
+    let mut headers = if with_original_headers {
+        origin.properties.headers().clone().unwrap_or_default()
+    } else {
+        FieldTable::default()
+    };
     let mut put = |name: &str, value: AMQPValue| {
         headers.insert(ShortString::from(name), value);
     };
@@ -616,6 +679,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn original_headers_are_left_off_a_copy_only_when_it_would_outgrow_the_frame() {
+        let mut original = FieldTable::default();
+        original.insert(
+            ShortString::from("big"),
+            AMQPValue::LongString(LongString::from("h".repeat(3_000))),
+        );
+        let origin = Origin {
+            exchange: ShortString::from("url_shortener"),
+            routing_key: ShortString::from("click_events"),
+            properties: BasicProperties::default()
+                .with_headers(original)
+                .with_message_id(ShortString::from("m-1")),
+        };
+        let reason = InvalidMessage::new(InvalidKind::NotJson, "not JSON");
+        let original_size = encoded_size(&origin.properties);
+        assert!((3_000..3_100).contains(&original_size), "{original_size}");
+        let header = |copy: &BasicProperties, name: &str| {
+            copy.headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name).cloned())
+        };
+        for frame_max in [131_072, 0] {
+            let copy = fitted_copy_properties(&origin, &reason, "c", "id-1", frame_max);
+            assert!(header(&copy, "big").is_some(), "kept (frame {frame_max})");
+            assert_eq!(header(&copy, headers::ORIGINAL_HEADERS_DROPPED), None);
+        }
+        // The original fits a frame of 3,200 bytes; with the reason headers it would not.
+        let copy = fitted_copy_properties(&origin, &reason, "c", "id-1", 3_200);
+        assert_eq!(header(&copy, "big"), None, "left off");
+        assert_eq!(
+            header(&copy, headers::ORIGINAL_HEADERS_DROPPED),
+            Some(AMQPValue::LongLongInt(original_size as i64))
+        );
+        assert!(header(&copy, headers::KIND).is_some(), "the reason stays");
+        assert_eq!(copy.message_id(), origin.properties.message_id());
+        assert!(encoded_size(&copy) + HEADER_FRAME_OVERHEAD <= 3_200);
+    }
+
+    #[test]
     fn copies_are_persistent_and_never_expire() {
         let origin = Origin {
             exchange: ShortString::from("url_shortener"),
@@ -627,7 +729,7 @@ mod tests {
                 .with_message_id(ShortString::from("m-1")),
         };
         let reason = InvalidMessage::new(InvalidKind::NotJson, "not JSON");
-        let copy = copy_properties(&origin, &reason, "consumer-1", "id-7");
+        let copy = copy_properties(&origin, &reason, "consumer-1", "id-7", true);
         assert_eq!(copy.delivery_mode(), &Some(2), "copies are persistent");
         assert_eq!(copy.expiration(), &None, "copies never expire");
         assert_eq!(copy.content_type(), origin.properties.content_type());

@@ -158,6 +158,75 @@ async fn dead_letter_copies_are_persistent_never_expire_and_carry_a_unique_id() 
     );
 }
 
+/// An original whose headers nearly fill a frame fitted into one when it was published,
+/// but its copy, with the reason headers added, would not: the copy goes without the
+/// original's headers (and says so) instead of being retried forever, which held up every
+/// dead letter behind it.
+#[tokio::test]
+async fn a_copy_that_would_outgrow_the_frame_leaves_the_original_headers_off() {
+    let names = Names::new("dl_big_headers");
+    let config = config(&names);
+    let publisher = publisher(&config).await;
+    let consumer = Consumer::new(config.clone()).unwrap();
+    let metrics = consumer.metrics();
+    let running = start(consumer).await;
+    // The broker's default frame is 131,072 bytes. Properties: flags 2, table length 4,
+    // the entry's name 4, type 1, length 4, then the text; the frame adds 20. So the
+    // original's header frame is 200 bytes short of full, and the reason headers (about
+    // 400 bytes here) would push the copy's over.
+    let big = "h".repeat(131_072 - 20 - 2 - 4 - 9 - 200);
+    let mut headers = lapin::types::FieldTable::default();
+    headers.insert(
+        ShortString::from("big"),
+        lapin::types::AMQPValue::LongString(big.into()),
+    );
+    let with_big_headers = BasicProperties::default().with_headers(headers);
+    publish_with(&config, &names, b"not json, big headers", with_big_headers).await;
+    publish_with(
+        &config,
+        &names,
+        b"not json, after it",
+        BasicProperties::default(),
+    )
+    .await;
+    wait_until(
+        "both dead letters confirmed",
+        Duration::from_secs(30),
+        || async { metrics.summary().dead_lettered == 2 },
+    )
+    .await;
+    let summary = running.stop().await.expect("clean stop");
+    let _ = publisher.close().await;
+    assert_eq!(summary.dead_lettered, 2, "{summary:?}");
+
+    let letters = drain(&names.dead_letter_queue()).await;
+    assert_eq!(letters.len(), 2, "one copy of each");
+    let big_copy = letters
+        .iter()
+        .find(|l| l.body == b"not json, big headers")
+        .expect("the copy of the message with big headers");
+    assert!(
+        big_copy.header("big").is_none(),
+        "the original's headers are left off"
+    );
+    assert_eq!(big_copy.header(dlh::KIND).as_deref(), Some("not_json"));
+    let dropped = big_copy
+        .headers
+        .inner()
+        .get(dlh::ORIGINAL_HEADERS_DROPPED)
+        .cloned();
+    assert!(
+        matches!(dropped, Some(lapin::types::AMQPValue::LongLongInt(n)) if n > 130_000),
+        "{} names the size of the original's properties: {dropped:?}",
+        dlh::ORIGINAL_HEADERS_DROPPED
+    );
+    let other = letters
+        .iter()
+        .find(|l| l.body == b"not json, after it")
+        .expect("the copy behind it");
+    assert!(other.header(dlh::ORIGINAL_HEADERS_DROPPED).is_none());
+}
+
 /// The six contract columns plus one that ClickHouse computes from `user_agent` at
 /// INSERT: a row whose `user_agent` is not a number is refused (Code 6,
 /// CANNOT_PARSE_TEXT) while the others are stored.
