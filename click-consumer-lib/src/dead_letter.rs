@@ -66,14 +66,18 @@ pub mod headers {
     pub const ID: &str = "x-dead-letter-id";
     /// Set when the original's own headers were left off the copy, to the size in bytes
     /// of its encoded properties: with the headers above added they would not have fit
-    /// into one frame (the broker never splits a message's properties, and the client
-    /// refuses to send a frame over the negotiated size).
+    /// into one frame of the dead-letter connection (a message's properties are never
+    /// split, and the broker closes a connection that sends a frame over its size).
     pub const ORIGINAL_HEADERS_DROPPED: &str = "x-original-headers-dropped";
 }
 
 /// A content header frame's bytes besides the properties: the frame's type, channel and
 /// size (7) and end octet (1); the class, weight and body size (12).
 const HEADER_FRAME_OVERHEAD: usize = 20;
+/// The smallest `frame_max` lapin negotiates (it raises a smaller one to this). A copy
+/// without the original's headers always fits into it: see
+/// `tests::a_copy_without_the_original_headers_fits_the_smallest_frame`.
+const MIN_FRAME_MAX: usize = 8192;
 /// Longest reason text put into a header.
 const MAX_REASON_CHARS: usize = 1000;
 /// The most copies published in one round.
@@ -104,6 +108,29 @@ struct Copy {
     kind: InvalidKind,
     body: Vec<u8>,
     properties: BasicProperties,
+    /// `properties` without the original's headers, for a connection whose frames are
+    /// too small for them.
+    without_original_headers: BasicProperties,
+}
+
+impl Copy {
+    /// The properties to publish on a connection whose frames hold `frame_max` bytes:
+    /// the original's headers are left off a copy that would not fit with them. The
+    /// original fitted, but the added headers (up to about 5 KiB) can push one with
+    /// nearly a frame of headers over, and the broker would close every connection that
+    /// sent it: the outbox would retry it forever.
+    fn properties_for(&self, frame_max: usize) -> &BasicProperties {
+        let size = encoded_size(&self.properties);
+        if size.saturating_add(HEADER_FRAME_OVERHEAD) <= frame_max {
+            return &self.properties;
+        }
+        log::warn!(
+            "dead letter {}: the original's headers are left off the copy: with the reason \
+             headers its properties take {size} bytes, more than a frame of {frame_max} holds",
+            self.id
+        );
+        &self.without_original_headers
+    }
 }
 
 /// The sending side of a session's dead letters. Cheap to clone.
@@ -115,8 +142,6 @@ pub(crate) struct DeadLetters {
     consumer_tag: String,
     ids: Arc<IdSource>,
     state: Arc<OutboxState>,
-    /// The negotiated `frame_max`: a copy's properties must fit into one frame.
-    frame_max: usize,
 }
 
 /// What the outbox shares with its senders.
@@ -153,7 +178,6 @@ impl DeadLetters {
         acker: Acker,
         metrics: Arc<Metrics>,
         consumer_tag: String,
-        frame_max: u32,
     ) -> Self {
         let state = Arc::new(OutboxState::default());
         let ids = Arc::new(IdSource {
@@ -196,7 +220,6 @@ impl DeadLetters {
             consumer_tag,
             ids,
             state,
-            frame_max: frame_max as usize,
         }
     }
 
@@ -225,12 +248,12 @@ impl DeadLetters {
         );
         let copy = Copy {
             tag,
-            properties: fitted_copy_properties(
+            properties: copy_properties(origin, reason, &self.consumer_tag, &id, true),
+            without_original_headers: without_original_headers(
                 origin,
                 reason,
                 &self.consumer_tag,
                 &id,
-                self.frame_max,
             ),
             id,
             kind: reason.kind(),
@@ -299,29 +322,17 @@ impl DeadLetters {
     }
 }
 
-/// [`copy_properties`], without the original's own headers if the copy's properties
-/// would not fit into a frame of `frame_max` bytes with them. The original fitted, but the
-/// added headers (up to about 1.2 KiB) can push one with nearly a frame of headers over;
-/// such a copy could never be sent, and the outbox would retry it forever.
-fn fitted_copy_properties(
+/// [`copy_properties`] without the original's own headers, and with
+/// [`headers::ORIGINAL_HEADERS_DROPPED`] giving the size of the original's properties.
+fn without_original_headers(
     origin: &Origin,
     reason: &InvalidMessage,
     consumer_tag: &str,
     id: &str,
-    frame_max: usize,
 ) -> BasicProperties {
-    let copy = copy_properties(origin, reason, consumer_tag, id, true);
-    let size = encoded_size(&copy);
-    if frame_max == 0 || size + HEADER_FRAME_OVERHEAD <= frame_max {
-        return copy;
-    }
-    log::warn!(
-        "dead letter {id}: the original's headers are left off the copy: with the reason \
-         headers its properties take {size} bytes, more than a frame of {frame_max} holds"
-    );
-    let original = encoded_size(&origin.properties);
     let copy = copy_properties(origin, reason, consumer_tag, id, false);
     let mut headers = copy.headers().clone().unwrap_or_default();
+    let original = encoded_size(&origin.properties);
     headers.insert(
         ShortString::from(headers::ORIGINAL_HEADERS_DROPPED),
         AMQPValue::LongLongInt(i64::try_from(original).unwrap_or(i64::MAX)),
@@ -422,7 +433,7 @@ async fn open_channel(
     config: &Config,
     brokers: &Brokers,
     metrics: &Arc<Metrics>,
-) -> Result<Channel, lapin::Error> {
+) -> Result<(Channel, usize), lapin::Error> {
     let connection =
         crate::broker::connect(brokers, config, CONNECT_TIMEOUT, "dead-letters").await?;
     watch_blocked(&connection, metrics.clone());
@@ -430,7 +441,10 @@ async fn open_channel(
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    Ok(channel)
+    // Negotiated with the node this connection reached; every URL of a list can set its
+    // own `frame_max`. lapin raises it to at least 8192 (0, no limit, to u32::MAX).
+    let frame_max = usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX);
+    Ok((channel, frame_max.max(MIN_FRAME_MAX)))
 }
 
 fn watch_blocked(connection: &Connection, metrics: Arc<Metrics>) {
@@ -470,7 +484,8 @@ struct Outbox {
     /// The broker's nodes, shared with the consuming session (the same node is used).
     brokers: Arc<Brokers>,
     receiver: mpsc::UnboundedReceiver<Copy>,
-    channel: Option<Channel>,
+    /// The confirming channel and its connection's `frame_max`.
+    channel: Option<(Channel, usize)>,
     acker: Acker,
     metrics: Arc<Metrics>,
     state: Arc<OutboxState>,
@@ -519,22 +534,22 @@ impl Outbox {
         }
     }
 
-    async fn channel(&mut self) -> Result<Channel, lapin::Error> {
-        if let Some(channel) = &self.channel
+    async fn channel(&mut self) -> Result<(Channel, usize), lapin::Error> {
+        if let Some((channel, frame_max)) = &self.channel
             && channel.status().connected()
         {
-            return Ok(channel.clone());
+            return Ok((channel.clone(), *frame_max));
         }
         self.channel = None;
-        let channel = open_channel(&self.config, &self.brokers, &self.metrics).await?;
-        self.channel = Some(channel.clone());
-        Ok(channel)
+        let opened = open_channel(&self.config, &self.brokers, &self.metrics).await?;
+        self.channel = Some(opened.clone());
+        Ok(opened)
     }
 
     /// Publishes a round and waits for all its confirms.
     async fn publish(&mut self, round: Vec<Copy>) -> Round {
-        let channel = match self.channel().await {
-            Ok(channel) => channel,
+        let (channel, frame_max) = match self.channel().await {
+            Ok(opened) => opened,
             Err(e) => {
                 log::warn!(
                     "cannot open the dead-letter connection: {e}; {} dead letters wait",
@@ -555,7 +570,7 @@ impl Outbox {
                     ..BasicPublishOptions::default()
                 },
                 &copy.body,
-                copy.properties.clone(),
+                copy.properties_for(frame_max).clone(),
             );
             match publish.await {
                 Ok(confirm) => confirms.push(confirm),
@@ -678,6 +693,24 @@ fn copy_id(message: &BasicReturnMessage) -> Option<String> {
 mod tests {
     use super::*;
 
+    fn copy_of(origin: &Origin, reason: &InvalidMessage, consumer_tag: &str, id: &str) -> Copy {
+        Copy {
+            tag: 1,
+            id: id.to_owned(),
+            kind: reason.kind(),
+            body: Vec::new(),
+            properties: copy_properties(origin, reason, consumer_tag, id, true),
+            without_original_headers: without_original_headers(origin, reason, consumer_tag, id),
+        }
+    }
+
+    fn header(properties: &BasicProperties, name: &str) -> Option<AMQPValue> {
+        properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get(name).cloned())
+    }
+
     #[test]
     fn original_headers_are_left_off_a_copy_only_when_it_would_outgrow_the_frame() {
         let mut original = FieldTable::default();
@@ -693,28 +726,66 @@ mod tests {
                 .with_message_id(ShortString::from("m-1")),
         };
         let reason = InvalidMessage::new(InvalidKind::NotJson, "not JSON");
-        let original_size = encoded_size(&origin.properties);
-        assert!((3_000..3_100).contains(&original_size), "{original_size}");
-        let header = |copy: &BasicProperties, name: &str| {
-            copy.headers()
-                .as_ref()
-                .and_then(|h| h.inner().get(name).cloned())
-        };
-        for frame_max in [131_072, 0] {
-            let copy = fitted_copy_properties(&origin, &reason, "c", "id-1", frame_max);
-            assert!(header(&copy, "big").is_some(), "kept (frame {frame_max})");
-            assert_eq!(header(&copy, headers::ORIGINAL_HEADERS_DROPPED), None);
+        let copy = copy_of(&origin, &reason, "c", "id-1");
+        // The frame the copy fills exactly: content header frame = properties + 20.
+        let full = encoded_size(&copy.properties) + HEADER_FRAME_OVERHEAD;
+        for frame_max in [full, 131_072] {
+            let kept = copy.properties_for(frame_max);
+            assert!(header(kept, "big").is_some(), "kept (frame {frame_max})");
+            assert_eq!(header(kept, headers::ORIGINAL_HEADERS_DROPPED), None);
         }
-        // The original fits a frame of 3,200 bytes; with the reason headers it would not.
-        let copy = fitted_copy_properties(&origin, &reason, "c", "id-1", 3_200);
-        assert_eq!(header(&copy, "big"), None, "left off");
+        let left_off = copy.properties_for(full - 1);
+        assert_eq!(header(left_off, "big"), None, "left off");
         assert_eq!(
-            header(&copy, headers::ORIGINAL_HEADERS_DROPPED),
-            Some(AMQPValue::LongLongInt(original_size as i64))
+            header(left_off, headers::ORIGINAL_HEADERS_DROPPED),
+            Some(AMQPValue::LongLongInt(
+                encoded_size(&origin.properties) as i64
+            ))
         );
-        assert!(header(&copy, headers::KIND).is_some(), "the reason stays");
-        assert_eq!(copy.message_id(), origin.properties.message_id());
-        assert!(encoded_size(&copy) + HEADER_FRAME_OVERHEAD <= 3_200);
+        assert!(
+            header(left_off, headers::KIND).is_some(),
+            "the reason stays"
+        );
+        assert_eq!(left_off.message_id(), origin.properties.message_id());
+    }
+
+    #[test]
+    fn a_copy_without_the_original_headers_fits_the_smallest_frame() {
+        // Every property at its longest: short strings hold 255 bytes, the reason is cut
+        // at MAX_REASON_CHARS characters of up to 4 bytes each.
+        let long = || ShortString::from("x".repeat(255));
+        let mut original = FieldTable::default();
+        original.insert(
+            ShortString::from("big"),
+            AMQPValue::LongString(LongString::from("h".repeat(200_000))),
+        );
+        let origin = Origin {
+            exchange: long(),
+            routing_key: long(),
+            properties: BasicProperties::default()
+                .with_content_type(long())
+                .with_content_encoding(long())
+                .with_headers(original)
+                .with_delivery_mode(1)
+                .with_priority(9)
+                .with_correlation_id(long())
+                .with_reply_to(long())
+                .with_expiration(long())
+                .with_message_id(long())
+                .with_timestamp(1)
+                .with_type(long())
+                .with_user_id(long())
+                .with_app_id(long())
+                .with_cluster_id(long()),
+        };
+        let reason = InvalidMessage::new(InvalidKind::InvalidField, "\u{1D11E}".repeat(5_000));
+        let tag = "t".repeat(255);
+        let id = format!("{tag}-{:016x}-{}", u64::MAX, u64::MAX);
+        let copy = copy_of(&origin, &reason, &tag, &id);
+        let stripped = copy.properties_for(MIN_FRAME_MAX);
+        assert!(header(stripped, "big").is_none());
+        let size = encoded_size(stripped) + HEADER_FRAME_OVERHEAD;
+        assert!(size <= MIN_FRAME_MAX, "{size} bytes");
     }
 
     #[test]

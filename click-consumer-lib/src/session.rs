@@ -164,9 +164,6 @@ impl Session {
             acker.clone(),
             shared.metrics.clone(),
             shared.consumer_tag.clone(),
-            // The dead-letter connection is opened with the same URL and settings, so it
-            // negotiates the same frame size with the same broker.
-            connection.configuration().frame_max(),
         );
         let consumer = consume
             .basic_consume(
