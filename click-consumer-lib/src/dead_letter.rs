@@ -74,10 +74,6 @@ pub mod headers {
 /// A content header frame's bytes besides the properties: the frame's type, channel and
 /// size (7) and end octet (1); the class, weight and body size (12).
 const HEADER_FRAME_OVERHEAD: usize = 20;
-/// The smallest `frame_max` lapin negotiates (it raises a smaller one to this). A copy
-/// without the original's headers always fits into it: see
-/// `tests::a_copy_without_the_original_headers_fits_the_smallest_frame`.
-const MIN_FRAME_MAX: usize = 8192;
 /// Longest reason text put into a header.
 const MAX_REASON_CHARS: usize = 1000;
 /// The most copies published in one round.
@@ -442,9 +438,11 @@ async fn open_channel(
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     // Negotiated with the node this connection reached; every URL of a list can set its
-    // own `frame_max`. lapin raises it to at least 8192 (0, no limit, to u32::MAX).
+    // own `frame_max`. lapin raises it to at least 8192 (0, no limit, to u32::MAX), which
+    // a copy without the original's headers always fits into: see
+    // `tests::a_copy_without_the_original_headers_fits_the_smallest_frame`.
     let frame_max = usize::try_from(connection.configuration().frame_max()).unwrap_or(usize::MAX);
-    Ok((channel, frame_max.max(MIN_FRAME_MAX)))
+    Ok((channel, frame_max))
 }
 
 fn watch_blocked(connection: &Connection, metrics: Arc<Metrics>) {
@@ -692,6 +690,9 @@ fn copy_id(message: &BasicReturnMessage) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The smallest `frame_max` lapin negotiates (it raises a smaller one to this).
+    const MIN_FRAME_MAX: usize = 8192;
 
     fn copy_of(origin: &Origin, reason: &InvalidMessage, consumer_tag: &str, id: &str) -> Copy {
         Copy {
