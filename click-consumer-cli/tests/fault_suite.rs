@@ -14,6 +14,7 @@ mod support;
 use std::{
     collections::BTreeMap,
     process::ExitCode,
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -828,13 +829,26 @@ fn dead_letter_queue_deleted() -> Counts {
     );
     // The middle chunk is published at a pace (20 messages every 50 ms) so that its
     // poison is still flowing while the dead-letter queue is deleted, three times: each
-    // time once it exists again and more copies have been confirmed into it.
-    let mut deletions: Vec<(u64, bool)> = Vec::new(); // (messages deleted, while publishing)
+    // time once it exists again and more copies have been confirmed into it. It goes in
+    // four parts, part i only after the i-th deletion, so that poison (one in 20, some
+    // 13 per part) follows every deletion however slow the machine: the queue is declared
+    // again only when a copy comes back, and the wait below needs copies after that.
+    let mut deletions: Vec<u64> = Vec::new(); // messages deleted with the queue
+    let deleted_so_far = AtomicUsize::new(0);
     thread::scope(|scope| {
         let publishing = scope.spawn(|| {
-            for start in (first..second).step_by(20) {
-                run.publish(start..(start + 20).min(second));
-                thread::sleep(Duration::from_millis(50));
+            let part = (second - first).div_ceil(4);
+            for (i, part_start) in (first..second).step_by(part).enumerate() {
+                // Bounded, so that a failed wait below fails the scenario, not hangs it.
+                let gate = Instant::now() + Duration::from_secs(180);
+                while deleted_so_far.load(Ordering::SeqCst) < i && Instant::now() < gate {
+                    thread::sleep(Duration::from_millis(10));
+                }
+                let part_end = (part_start + part).min(second);
+                for start in (part_start..part_end).step_by(20) {
+                    run.publish(start..(start + 20).min(part_end));
+                    thread::sleep(Duration::from_millis(50));
+                }
             }
         });
         let mut confirmed = poison_first;
@@ -848,8 +862,9 @@ fn dead_letter_queue_deleted() -> Counts {
                 },
             );
             let out = rabbitmq.ctl(&["delete_queue", &dead_letter_queue]);
-            deletions.push((deleted_count(&out), !publishing.is_finished()));
+            deletions.push(deleted_count(&out));
             confirmed = run.stack.metric(DEAD_LETTERED);
+            deleted_so_far.fetch_add(1, Ordering::SeqCst);
         }
         publishing.join().expect("the middle chunk is published");
     });
@@ -866,8 +881,7 @@ fn dead_letter_queue_deleted() -> Counts {
         .stack
         .metric("click_consumer_topology_redeclarations_total");
     let reconnects = run.stack.metric("click_consumer_broker_reconnects_total");
-    let deleted: u64 = deletions.iter().map(|(d, _)| d).sum();
-    let during = deletions.iter().filter(|(_, during)| *during).count();
+    let deleted: u64 = deletions.iter().sum();
     // RabbitMQ confirms a copy routed to a queue that it deletes before enqueuing the
     // copy ("Deleted queue is a special case. Do not nack" in rabbit_channel), so such a
     // copy is neither in the queue nor in delete_queue's count, and its original is
@@ -887,8 +901,7 @@ fn dead_letter_queue_deleted() -> Counts {
         Some(consumer),
         0,
         format!(
-            "deleted with {:?} dead letters ({during} of 3 while the middle chunk was being published); {vanished} confirmed by RabbitMQ as their queue was deleted; {refused} copies returned, {redeclared} redeclarations, {reconnects} reconnects",
-            deletions.iter().map(|(d, _)| d).collect::<Vec<_>>()
+            "deleted with {deletions:?} dead letters; {vanished} confirmed by RabbitMQ as their queue was deleted; {refused} copies returned, {redeclared} redeclarations, {reconnects} reconnects"
         ),
         deleted + vanished.min(deletions.len() as u64),
     );
