@@ -37,9 +37,9 @@
 //! - `event`: [`ClickEvent`] and the decoding rules ([`InvalidMessage`]).
 //! - Extra columns filled from same-named fields: `columns` (the table's layout, read and
 //!   refreshed), `field` (types, JSON values, typed RowBinary), `encode` (rows into a batch).
-//! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `commit`,
-//!   `dead_letter`, `store` for ClickHouse, `broker` for RabbitMQ topology, `ack` for
-//!   settling deliveries).
+//! - [`Consumer`] (`consumer`, with `session` per broker connection, `batch`, `flush` for
+//!   the end of a backlog, `commit`, `dead_letter`, `store` for ClickHouse, `broker` for
+//!   RabbitMQ topology, `ack` for settling deliveries).
 //! - [`ClickPublisher`] (`publisher`): publish clicks from the shortener.
 //! - [`Metrics`] and [`Summary`] (`metrics`; `exposition` converts to the classic
 //!   Prometheus text format).
@@ -63,6 +63,7 @@ mod event;
 mod exposition;
 mod field;
 mod flow;
+mod flush;
 mod metrics;
 mod publisher;
 mod rowbinary;

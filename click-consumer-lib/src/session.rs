@@ -22,6 +22,7 @@ use crate::config::Config;
 use crate::dead_letter::{DeadLetters, Origin};
 use crate::error::Error;
 use crate::flow::{OVERHEAD, Window};
+use crate::flush::Backlog;
 use crate::metrics::{Metrics, StatsLog};
 use crate::store::Store;
 
@@ -237,10 +238,15 @@ impl Session {
         tokio::pin!(cancelled);
         let flush_sleep = tokio::time::sleep_until(Instant::now());
         tokio::pin!(flush_sleep);
+        let mut backlog = Backlog::default();
         let refused = self.dead_letters.refused();
         tokio::pin!(refused);
+        // The broker could not send on the last turn: its window was used up, or no
+        // consumer was running.
+        let mut broker_held = false;
         let end = loop {
-            let steered = if self.must_steer() {
+            let steering = self.must_steer();
+            let steered = if steering {
                 tokio::select! {
                     biased;
                     // A shutdown is not held up by a consumer restart: the loop drains.
@@ -254,35 +260,74 @@ impl Session {
                 restart_failed = true;
                 break End::BrokerLost(format!("restarting the consumer failed: {e}"));
             }
+            if steering || broker_held {
+                backlog.resume(Instant::now());
+            }
             // Stopped for the byte budget: what is buffered must be written to free it.
             let paused = self.consumer.is_none() && self.draining.is_empty();
-            let deadline = batch.deadline(config.batch_timeout);
+            let timeout = batch.deadline(config.batch_timeout);
+            // The end of a backlog (see `flush`); not while a consumer is being restarted:
+            // its successor brings more.
+            let backlog_end = backlog
+                .ends_at()
+                .filter(|_| !batch.is_empty() && self.consumer.is_some());
+            let deadline = match (timeout, backlog_end) {
+                (Some(timeout), Some(end)) => Some(timeout.min(end)),
+                (timeout, end) => timeout.or(end),
+            };
             let full = batch.is_full(config.batch_size, batch_bytes);
             // The broker sends nothing more once the running consumer's window is used
             // up: write what is buffered rather than wait for the batch timeout. (Not
             // while a consumer is being restarted: its successor brings more.)
             let window_used = self.consumer.is_some()
                 && self.acker.outstanding() >= usize::from(self.window.current());
-            let due = full
-                || ((paused || window_used) && !batch.is_empty())
-                || deadline.is_some_and(|d| d <= Instant::now());
-            if in_flight.is_none() && due {
-                let full = std::mem::replace(&mut batch, recycler.batch(config.batch_size));
+            broker_held = window_used || self.consumer.is_none();
+            let held_up = (paused || window_used) && !batch.is_empty();
+            let now = Instant::now();
+            let timed_out = timeout.is_some_and(|at| at <= now);
+            let ended = backlog_end.is_some_and(|at| at <= now);
+            if in_flight.is_none() && ended && !(full || held_up || timed_out) {
+                // A loop that did not run for a while (a busy machine) is not a pause in
+                // the deliveries: take what came meanwhile before calling it the end.
+                match self.take_ready(&mut batch, batch_bytes).await {
+                    Err(end) => break end,
+                    Ok(0) => {}
+                    Ok(_) => {
+                        backlog.delivered(Instant::now());
+                        continue;
+                    }
+                }
+            }
+            if in_flight.is_none() && (full || held_up || timed_out || ended) {
+                backlog.written(full || held_up);
+                let why = if full {
+                    "full"
+                } else if held_up {
+                    "no more deliveries until it is written"
+                } else if timed_out {
+                    "BATCH_TIMEOUT_MS"
+                } else {
+                    "end of the backlog"
+                };
+                let written = std::mem::replace(&mut batch, recycler.batch(config.batch_size));
                 log::debug!(
-                    "flushing batch: {} rows ({} bytes), up to delivery tag {}",
-                    full.len(),
-                    full.bytes(),
-                    full.last_tag()
+                    "flushing batch ({why}): {} rows ({} bytes), up to delivery tag {}",
+                    written.len(),
+                    written.bytes(),
+                    written.last_tag()
                 );
                 in_flight = Some(tokio::spawn(
-                    self.committer.clone().commit(full.into_parts()),
+                    self.committer.clone().commit(written.into_parts()),
                 ));
                 continue;
             }
             let receiving = !full;
             let flush_timer = deadline.filter(|_| in_flight.is_none());
+            // Reset only when the timer would fire too late or has fired: the end of a
+            // backlog moves with every delivery, and a timer that fires early just turns
+            // the loop once (a reset per delivery would cost a timer registration each).
             if let Some(at) = flush_timer
-                && flush_sleep.deadline() != at
+                && (flush_sleep.deadline() > at || flush_sleep.is_elapsed())
             {
                 flush_sleep.as_mut().reset(at);
             }
@@ -316,6 +361,7 @@ impl Session {
                             if let Err(end) = self.take(delivery, &mut batch).await {
                                 break end;
                             }
+                            backlog.delivered(Instant::now());
                         }
                     }
                 }
@@ -326,6 +372,7 @@ impl Session {
                     if let Err(end) = self.take_ready(&mut batch, batch_bytes).await {
                         break end;
                     }
+                    backlog.delivered(Instant::now());
                 }
             }
         };
@@ -502,21 +549,22 @@ impl Session {
     /// full, or the byte budget wants the consumer steered. (No cancelled consumer is
     /// still draining while one runs: [`Session::steer`] starts the next only once they
     /// are all drained, so tags still reach the ack ledger in order.)
-    async fn take_ready(&mut self, batch: &mut Batch, batch_bytes: usize) -> Result<(), End> {
+    /// Returns how many it took.
+    async fn take_ready(&mut self, batch: &mut Batch, batch_bytes: usize) -> Result<usize, End> {
         let max_rows = self.shared.config.batch_size;
-        for _ in 0..READY_BURST {
+        for taken in 0..READY_BURST {
             if batch.is_full(max_rows, batch_bytes) || self.must_steer() {
-                break;
+                return Ok(taken);
             }
             let Some(running) = &mut self.consumer else {
-                break;
+                return Ok(taken);
             };
             let Some(delivery) = running.stream.next().now_or_never() else {
-                break;
+                return Ok(taken);
             };
             self.take(delivery, batch).await?;
         }
-        Ok(())
+        Ok(READY_BURST)
     }
 
     /// Decodes one delivery into the batch, or dead-letters it.

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use click_consumer::{ClickEvent, Consumer, InvalidKind, dead_letter_headers as dlh};
+use click_consumer::{ClickEvent, Consumer, InvalidKind, Metrics, dead_letter_headers as dlh};
 
 use crate::common::*;
 
@@ -197,23 +197,58 @@ async fn shutdown_stores_and_acks_what_is_buffered() {
 }
 
 #[tokio::test]
-async fn batches_are_flushed_by_size_and_by_time() {
+async fn batches_are_flushed_by_size_and_at_the_end_of_a_backlog() {
     let names = Names::new("batching");
+    // A timeout no test waits for, and no statistics tick to turn the consume loop: only
+    // a full batch or the backlog's end (its own timer) writes one.
     let config = config(&names)
         .with_batch_size(100)
-        .with_batch_timeout(Duration::from_secs(2));
+        .with_batch_timeout(Duration::from_secs(600))
+        .with_stats_interval(Duration::from_secs(600));
+    let publisher = publisher(&config).await;
+    let events: Vec<ClickEvent> = (0..1012).map(event).collect();
+    // A backlog waiting before the consumer starts: ten full batches and 7 rows.
+    publisher.publish_all(&events[..1007]).await.unwrap();
     let consumer = Consumer::new(config.clone()).unwrap();
     let metrics = consumer.metrics();
     let running = start(consumer).await;
-    let publisher = publisher(&config).await;
-    let events: Vec<ClickEvent> = (0..1000).map(event).collect();
-    publisher.publish_all(&events).await.unwrap();
-    wait_for_rows(&names, 1000).await;
-    let full = metrics.summary().inserts;
-    assert_eq!(full, 10, "1000 rows in batches of 100 are 10 INSERTs");
-    // A few rows, far below the batch size, still arrive after the timeout.
-    publisher.publish_all(&events[..7]).await.unwrap();
+    // The last 7 do not wait for the timeout.
     wait_for_rows(&names, 1007).await;
+    // The rows show before the consumer has counted its INSERT.
+    wait_for_inserts(&metrics, 11).await;
+    let inserts = metrics.summary().inserts;
+    // 11: ten full batches and the tail. A stall of 50 ms in the broker mid-backlog
+    // (a busy machine) may end a batch early once more.
+    assert!(
+        (11..=12).contains(&inserts),
+        "{inserts} INSERTs for 1007 rows in batches of 100"
+    );
+    // After that early write the next few rows wait for the size or the timeout again:
+    // at most one early write per full batch.
+    publisher.publish_all(&events[1007..]).await.unwrap();
+    wait_until("1012 deliveries", Duration::from_secs(20), || async {
+        metrics.summary().received == 1012
+    })
+    .await;
+    // Twenty times the pause (50 ms) that ends a backlog.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        row_count(&names).await,
+        1007,
+        "a batch after an early write is not written at a pause"
+    );
     let summary = running.stop().await.unwrap();
-    assert_eq!(summary.inserts, 11, "{summary:?}");
+    assert_eq!(
+        (summary.stored, summary.inserts),
+        (1012, inserts + 1),
+        "{summary:?}"
+    );
+}
+
+/// Waits until the consumer has counted `n` INSERTs.
+async fn wait_for_inserts(metrics: &Metrics, n: u64) {
+    wait_until(&format!("{n} INSERTs"), Duration::from_secs(10), || async {
+        metrics.summary().inserts >= n
+    })
+    .await;
 }

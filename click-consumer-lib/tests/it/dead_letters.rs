@@ -325,8 +325,11 @@ async fn releasing_a_batch_whose_last_message_was_dead_lettered_keeps_the_channe
         .await
         .unwrap();
     let names = Names::new("dl_release");
+    // A timeout long enough for all 51 messages to make one batch on a busy machine
+    // (at 100 ms, a slow publish split them: 45 released, 5 in a batch of their own).
     let config = config(&names)
         .with_clickhouse_url(clickhouse.url())
+        .with_batch_timeout(Duration::from_secs(2))
         .with_insert_release_after(Duration::from_millis(1500));
     let consumer = Consumer::new(config.clone()).unwrap();
     let metrics = consumer.metrics();
