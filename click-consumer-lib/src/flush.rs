@@ -11,7 +11,10 @@
 //! Bursty traffic looks the same, so the rule allows at most one early write per full
 //! batch: it never more than doubles the INSERTs, and traffic that never fills a batch
 //! is written at the timeout as before. The pause counts only while the broker may send:
-//! not while the prefetch window is used up, nor during a consumer restart.
+//! not while the prefetch window is used up, nor during a consumer restart. And a pause
+//! while the queue still holds messages ready (a broker or a client thread slow for a
+//! moment: seen mid-drain on a busy 2-core machine) is not the end: the session asks
+//! the broker for the queue's depth before it writes.
 
 use std::time::Duration;
 

@@ -32,6 +32,10 @@ const CLOSE_MARGIN: Duration = Duration::from_millis(1500);
 /// Deliveries already received that one turn of the consume loop takes at most.
 const READY_BURST: usize = 64;
 
+/// Longest wait for the queue's depth when deliveries pause after a full batch; without
+/// an answer, the pause is taken as the end of the backlog.
+const BACKLOG_PROBE_LIMIT: Duration = Duration::from_millis(500);
+
 /// How often a consumer stopped for the byte budget looks again at what is held.
 const PAUSE_CHECK: Duration = Duration::from_millis(20);
 
@@ -296,6 +300,15 @@ impl Session {
                         backlog.delivered(Instant::now());
                         continue;
                     }
+                }
+                // Nor is a broker that is slow to send (or a client thread that is slow to
+                // read): the backlog has ended only when the queue has nothing ready.
+                if let Some(ready @ 1..) = self.queue_depth(BACKLOG_PROBE_LIMIT).await {
+                    log::debug!(
+                        "deliveries paused with {ready} messages ready: not the end of the backlog"
+                    );
+                    backlog.resume(Instant::now());
+                    continue;
                 }
             }
             if in_flight.is_none() && (full || held_up || timed_out || ended) {
@@ -687,9 +700,15 @@ impl Session {
         }
     }
 
-    /// Asks the broker for the queue's depth, on a short-lived channel so that a
-    /// failure (queue deleted) cannot take the consuming channel down.
+    /// Asks the broker for the queue's depth (for the gauge).
     async fn refresh_queue_depth(&self) {
+        self.queue_depth(Duration::from_secs(2)).await;
+    }
+
+    /// Asks the broker for the queue's depth (messages ready), on a short-lived channel
+    /// so that a failure (queue deleted) cannot take the consuming channel down; sets the
+    /// gauge. `None` if the broker did not answer within `limit`.
+    async fn queue_depth(&self, limit: Duration) -> Option<u32> {
         let probe = async {
             let channel = self.connection.create_channel().await?;
             let queue = channel
@@ -705,15 +724,20 @@ impl Session {
             let _ = channel.close(200, ShortString::from("probe done")).await;
             queue
         };
-        match tokio::time::timeout(Duration::from_secs(2), probe).await {
+        match tokio::time::timeout(limit, probe).await {
             Ok(Ok(queue)) => {
-                self.shared
-                    .metrics
-                    .queue_depth
-                    .set(i64::from(queue.message_count()));
+                let depth = queue.message_count();
+                self.shared.metrics.queue_depth.set(i64::from(depth));
+                Some(depth)
             }
-            Ok(Err(e)) => log::debug!("could not read the queue depth: {e}"),
-            Err(_) => log::debug!("could not read the queue depth: no answer within 2s"),
+            Ok(Err(e)) => {
+                log::debug!("could not read the queue depth: {e}");
+                None
+            }
+            Err(_) => {
+                log::debug!("could not read the queue depth: no answer within {limit:?}");
+                None
+            }
         }
     }
 
