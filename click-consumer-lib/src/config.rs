@@ -338,7 +338,8 @@ impl Config {
     builder!(
         /// `BATCH_TIMEOUT_MS`: a batch is written at most this long after its first message
         /// (sooner at the end of a backlog: a pause of 50 ms in the deliveries right after
-        /// a batch full in rows or bytes writes the next one at once).
+        /// a batch full in rows or bytes, with the queue empty, writes the next one at
+        /// once).
         with_batch_timeout, batch_timeout: Duration);
     builder!(
         /// `BATCH_MAX_BYTES`: a batch is also written once it holds this many bytes.

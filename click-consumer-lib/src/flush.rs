@@ -32,12 +32,22 @@ pub(crate) struct Backlog {
     draining: bool,
     /// When the last delivery was taken into the current batch.
     last_delivery: Option<Instant>,
+    /// The broker said, after the last delivery, that messages are still ready: this
+    /// pause is not the end, and the batch waits for the next delivery or the timeout.
+    probed: bool,
 }
 
 impl Backlog {
     /// A delivery was taken into the batch at `now`.
     pub(crate) fn delivered(&mut self, now: Instant) {
         self.last_delivery = Some(now);
+        self.probed = false;
+    }
+
+    /// The queue still had messages ready at the end of the pause: the backlog goes on,
+    /// only slower. The broker is asked again only after another delivery and pause.
+    pub(crate) fn probed(&mut self) {
+        self.probed = true;
     }
 
     /// The broker could not send until now (its window was used up, or the consumer was
@@ -54,14 +64,16 @@ impl Backlog {
     pub(crate) fn written(&mut self, full: bool) {
         self.draining = full;
         self.last_delivery = None;
+        self.probed = false;
     }
 
-    /// When the current batch is due because the backlog ended: [`BACKLOG_PAUSE`] after
-    /// its last delivery, if it follows a full batch. `None` otherwise (or while it is
-    /// empty).
+    /// When the current batch may be due because the backlog ended: [`BACKLOG_PAUSE`]
+    /// after its last delivery, if it follows a full batch and the broker was not asked
+    /// since. `None` otherwise (or while it is empty). The session then asks the broker
+    /// whether the queue is empty before it writes.
     pub(crate) fn ends_at(&self) -> Option<Instant> {
         self.last_delivery
-            .filter(|_| self.draining)
+            .filter(|_| self.draining && !self.probed)
             .map(|at| at + BACKLOG_PAUSE)
     }
 }
@@ -102,6 +114,12 @@ mod tests {
         tokio::time::advance(Duration::from_millis(80)).await;
         backlog.resume(Instant::now());
         assert_eq!(backlog.ends_at(), Some(Instant::now() + BACKLOG_PAUSE));
+        // Messages still ready at the end of a pause: no second question until the next
+        // delivery.
+        backlog.probed();
+        assert_eq!(backlog.ends_at(), None);
+        backlog.delivered(Instant::now());
+        assert!(backlog.ends_at().is_some());
         // Written for the pause: the next batch is back to size or timeout.
         backlog.written(false);
         backlog.delivered(Instant::now());

@@ -302,13 +302,37 @@ impl Session {
                     }
                 }
                 // Nor is a broker that is slow to send (or a client thread that is slow to
-                // read): the backlog has ended only when the queue has nothing ready.
-                if let Some(ready @ 1..) = self.queue_depth(BACKLOG_PROBE_LIMIT).await {
+                // read): the backlog has ended only when the queue has nothing ready. Asked
+                // once per pause, never past the batch timeout, and a shutdown does not
+                // wait for the answer.
+                let limit = timeout.map_or(BACKLOG_PROBE_LIMIT, |at| {
+                    BACKLOG_PROBE_LIMIT.min(at.saturating_duration_since(now))
+                });
+                let depth = tokio::select! {
+                    biased;
+                    () = &mut cancelled => None,
+                    depth = self.queue_depth(limit) => Some(depth),
+                };
+                let Some(depth) = depth else {
+                    break self
+                        .drain(std::mem::take(&mut batch), in_flight.take())
+                        .await;
+                };
+                if let Some(ready @ 1..) = depth {
                     log::debug!(
                         "deliveries paused with {ready} messages ready: not the end of the backlog"
                     );
-                    backlog.resume(Instant::now());
+                    backlog.probed();
                     continue;
+                }
+                // What came while the broker was asked belongs to this batch.
+                match self.take_ready(&mut batch, batch_bytes).await {
+                    Err(end) => break end,
+                    Ok(0) => {}
+                    Ok(_) => {
+                        backlog.delivered(Instant::now());
+                        continue;
+                    }
                 }
             }
             if in_flight.is_none() && (full || held_up || timed_out || ended) {
@@ -721,7 +745,10 @@ impl Session {
                     FieldTable::default(),
                 )
                 .await;
-            let _ = channel.close(200, ShortString::from("probe done")).await;
+            // Closed in the background: the answer is all the caller waits for.
+            tokio::spawn(async move {
+                let _ = channel.close(200, ShortString::from("probe done")).await;
+            });
             queue
         };
         match tokio::time::timeout(limit, probe).await {
