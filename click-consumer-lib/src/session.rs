@@ -293,13 +293,13 @@ impl Session {
             if in_flight.is_none() && ended && !(full || held_up || timed_out) {
                 // A loop that did not run for a while (a busy machine) is not a pause in
                 // the deliveries: take what came meanwhile before calling it the end.
-                match self.take_ready(&mut batch, batch_bytes).await {
+                match self
+                    .take_waiting(&mut batch, batch_bytes, &mut backlog)
+                    .await
+                {
                     Err(end) => break end,
-                    Ok(0) => {}
-                    Ok(_) => {
-                        backlog.delivered(Instant::now());
-                        continue;
-                    }
+                    Ok(true) => continue,
+                    Ok(false) => {}
                 }
                 // Nor is a broker that is slow to send (or a client thread that is slow to
                 // read): the backlog has ended only when the queue has nothing ready. Asked
@@ -326,13 +326,13 @@ impl Session {
                     continue;
                 }
                 // What came while the broker was asked belongs to this batch.
-                match self.take_ready(&mut batch, batch_bytes).await {
+                match self
+                    .take_waiting(&mut batch, batch_bytes, &mut backlog)
+                    .await
+                {
                     Err(end) => break end,
-                    Ok(0) => {}
-                    Ok(_) => {
-                        backlog.delivered(Instant::now());
-                        continue;
-                    }
+                    Ok(true) => continue,
+                    Ok(false) => {}
                 }
             }
             if in_flight.is_none() && (full || held_up || timed_out || ended) {
@@ -602,6 +602,21 @@ impl Session {
             self.take(delivery, batch).await?;
         }
         Ok(READY_BURST)
+    }
+
+    /// [`Session::take_ready`] at a pause: whether it took anything (then the pause
+    /// starts again from now).
+    async fn take_waiting(
+        &mut self,
+        batch: &mut Batch,
+        batch_bytes: usize,
+        backlog: &mut Backlog,
+    ) -> Result<bool, End> {
+        let took = self.take_ready(batch, batch_bytes).await? > 0;
+        if took {
+            backlog.delivered(Instant::now());
+        }
+        Ok(took)
     }
 
     /// Decodes one delivery into the batch, or dead-letters it.
