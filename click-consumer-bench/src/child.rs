@@ -16,7 +16,7 @@ use std::{
     process::{ChildStdout, Command, ExitStatus},
     sync::mpsc::{self, Receiver, RecvTimeoutError},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
@@ -69,6 +69,8 @@ pub(crate) struct Watched {
     name: String,
     pid: u32,
     spawned: Instant,
+    /// The wall clock at `spawned`, to place file times (see [`Watched::at`]).
+    spawned_wall: SystemTime,
     exit: Receiver<io::Result<Reaped>>,
     reaped: Option<Reaped>,
     stdout: Option<ChildStdout>,
@@ -78,6 +80,7 @@ impl Watched {
     /// Spawns `command` and starts reaping it.
     pub(crate) fn spawn(name: &str, mut command: Command) -> anyhow::Result<Watched> {
         let spawned = Instant::now();
+        let spawned_wall = SystemTime::now();
         let mut child = command
             .spawn()
             .with_context(|| format!("cannot start {name} ({command:?})"))?;
@@ -98,6 +101,7 @@ impl Watched {
             name: name.to_owned(),
             pid,
             spawned,
+            spawned_wall,
             exit,
             reaped: None,
             stdout,
@@ -106,6 +110,12 @@ impl Watched {
 
     pub(crate) fn spawned(&self) -> Instant {
         self.spawned
+    }
+
+    /// The instant of wall-clock time `wall` (a file's modification time, say), by its
+    /// distance from the spawn; `None` if `wall` is before the spawn.
+    pub(crate) fn at(&self, wall: SystemTime) -> Option<Instant> {
+        Some(self.spawned + wall.duration_since(self.spawned_wall).ok()?)
     }
 
     /// Its peak RSS so far, in KiB; `None` once it has exited.

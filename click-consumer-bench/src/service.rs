@@ -4,7 +4,7 @@
 use std::{
     path::Path,
     process::{Command, Stdio},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context, bail};
@@ -15,6 +15,8 @@ use crate::stack::{Servers, Target};
 
 pub(crate) const UNACKED: &str = "click_consumer_messages_unacked";
 pub(crate) const INSERTS: &str = "click_consumer_inserts_total";
+/// Rows whose INSERT ClickHouse has answered.
+pub(crate) const ROWS_INSERTED: &str = "click_consumer_rows_inserted_total";
 const INSERT_SECONDS_SUM: &str = "click_consumer_insert_duration_seconds_sum";
 const INSERT_SECONDS_COUNT: &str = "click_consumer_insert_duration_seconds_count";
 /// Longest a SIGTERM drain may take (the consumer's own limit is 8 s).
@@ -76,6 +78,11 @@ impl Service {
 
     pub(crate) fn spawned(&self) -> Instant {
         self.process.spawned()
+    }
+
+    /// See [`Watched::at`].
+    pub(crate) fn at(&self, wall: SystemTime) -> Option<Instant> {
+        self.process.at(wall)
     }
 
     /// A sample of `/metrics`; an error while the listener is not up yet.

@@ -1,5 +1,11 @@
 //! The ClickHouse side of a measurement: the table's merges, its row count, its parts, and the latency phase's sequence numbers.
 
+use std::{
+    fs,
+    path::Path,
+    time::{Duration, SystemTime},
+};
+
 use click_consumer_testkit::ClickHouse;
 use serde::Serialize;
 
@@ -56,6 +62,30 @@ impl<'a> Table<'a> {
             .query(&format!("SYSTEM STOP MERGES {}", self.qualified()));
     }
 
+    /// When ClickHouse wrote its newest active part: the latest modification time of
+    /// any file in any part's directory (`system.parts.path`, on this machine), plus
+    /// the resolution of the kernel's coarse clock that file times are taken from (so
+    /// the result is not before the write). With merges stopped, that is when the last
+    /// INSERT's rows were written, just before the part was renamed into place and its
+    /// rows counted.
+    pub(crate) fn last_part_written(&self) -> anyhow::Result<SystemTime> {
+        let out = self.clickhouse.query(&format!(
+            "SELECT path FROM system.parts WHERE database = '{}' AND table = '{}' AND active",
+            self.database, self.table
+        ));
+        let mut last = None;
+        for part in out.lines().filter(|line| !line.is_empty()) {
+            for file in fs::read_dir(Path::new(part))
+                .map_err(|err| anyhow::anyhow!("cannot list part `{part}`: {err}"))?
+            {
+                let modified = file?.metadata()?.modified()?;
+                last = last.max(Some(modified));
+            }
+        }
+        let last = last.ok_or_else(|| anyhow::anyhow!("{} has no parts", self.qualified()))?;
+        Ok(last + coarse_clock_resolution())
+    }
+
     pub(crate) fn count(&self) -> u64 {
         let out = self
             .clickhouse
@@ -98,6 +128,22 @@ impl<'a> Table<'a> {
     pub(crate) fn drop_database(&self) {
         self.clickhouse
             .query(&format!("DROP DATABASE IF EXISTS {}", self.database));
+    }
+}
+
+/// The resolution of `CLOCK_REALTIME_COARSE` (one kernel tick, 1-10 ms), which stamps
+/// files' modification times; 10 ms if it cannot be read.
+#[allow(unsafe_code)]
+fn coarse_clock_resolution() -> Duration {
+    let mut res = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `res` is a valid, writable timespec that outlives the call.
+    if unsafe { libc::clock_getres(libc::CLOCK_REALTIME_COARSE, &mut res) } == 0 {
+        Duration::new(res.tv_sec as u64, res.tv_nsec as u32)
+    } else {
+        Duration::from_millis(10)
     }
 }
 
