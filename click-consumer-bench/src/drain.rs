@@ -25,6 +25,7 @@ use serde::Serialize;
 
 use crate::bench::Bench;
 use crate::child::{Reaped, Watched, cpu_time};
+use crate::machine::CpuTimes;
 use crate::prefill::{Clicks, Prefill, prefill};
 use crate::reference;
 use crate::service::{INSERTS, ROWS_INSERTED, Service, UNACKED};
@@ -61,6 +62,13 @@ pub(crate) struct DrainRun {
     /// The broker's CPU time over the same span.
     pub(crate) broker_cpu_seconds: Option<f64>,
     pub(crate) broker_cpu_seconds_per_million: Option<f64>,
+    /// ClickHouse's CPU time over the same span, per million messages: the INSERTs'
+    /// cost on the machine (about none while a reference drains).
+    pub(crate) clickhouse_cpu_seconds_per_million: Option<f64>,
+    /// The share of the machine's CPU time that the hypervisor gave to others over the
+    /// same span (`steal` in `/proc/stat`), in percent: a drain slowed by it is slow
+    /// for reasons outside both consumers.
+    pub(crate) steal_percent: Option<f64>,
     /// User plus system CPU of the consumer process over its whole life.
     pub(crate) cpu_seconds: f64,
     pub(crate) cpu_seconds_per_million: f64,
@@ -81,15 +89,21 @@ impl DrainRun {
         consumer: &'static str,
         prefill: Prefill,
         spawned: Instant,
-        done: Instant,
+        start: Sample,
+        end: Sample,
         reaped: &Reaped,
         peak_rss_kib: u64,
-        broker_cpu: Option<Duration>,
     ) -> Self {
-        let seconds = done.duration_since(spawned).as_secs_f64();
+        let seconds = end.at.duration_since(spawned).as_secs_f64();
+        let spent = |of: fn(&Sample) -> Option<Duration>| {
+            of(&start)
+                .zip(of(&end))
+                .map(|(before, after)| after.saturating_sub(before).as_secs_f64())
+        };
+        let broker_cpu_seconds = spent(|s| s.broker);
+        let clickhouse_cpu_seconds = spent(|s| s.clickhouse);
         let messages = prefill.messages;
         let cpu_seconds = reaped.cpu.as_secs_f64();
-        let broker_cpu_seconds = broker_cpu.map(|cpu| cpu.as_secs_f64());
         DrainRun {
             consumer,
             messages,
@@ -99,6 +113,12 @@ impl DrainRun {
             broker_cpu_seconds,
             broker_cpu_seconds_per_million: broker_cpu_seconds
                 .map(|cpu| cpu / messages as f64 * 1e6),
+            clickhouse_cpu_seconds_per_million: clickhouse_cpu_seconds
+                .map(|cpu| cpu / messages as f64 * 1e6),
+            steal_percent: start
+                .machine
+                .zip(end.machine)
+                .and_then(|(before, after)| before.steal_percent(after)),
             cpu_seconds,
             cpu_seconds_per_million: cpu_seconds / messages as f64 * 1e6,
             peak_rss_mib: peak_rss_kib as f64 / 1024.0,
@@ -111,9 +131,25 @@ impl DrainRun {
     }
 }
 
-/// The broker's CPU time so far.
-fn broker_cpu(bench: &Bench) -> Option<Duration> {
-    cpu_time(bench.servers.rabbitmq.pid()?)
+/// What is read at a drain's start and end, from `/proc` (no request to any server):
+/// the broker's, ClickHouse's and the machine's CPU time.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    at: Instant,
+    broker: Option<Duration>,
+    clickhouse: Option<Duration>,
+    machine: Option<CpuTimes>,
+}
+
+impl Sample {
+    fn now(bench: &Bench) -> Sample {
+        Sample {
+            at: Instant::now(),
+            broker: bench.servers.rabbitmq.pid().and_then(cpu_time),
+            clickhouse: bench.servers.clickhouse.pid().and_then(cpu_time),
+            machine: CpuTimes::now(),
+        }
+    }
 }
 
 /// The click-consumer binary drains a queue prefilled with `messages` `clicks` into a
@@ -131,7 +167,7 @@ pub(crate) fn click_consumer(
     }
     table.stop_merges();
     let prefill = fill(bench, &target, messages, clicks)?;
-    let broker_before = broker_cpu(bench);
+    let start = Sample::now(bench);
     let mut service = Service::start(
         &bench.consumer_binary,
         &bench.servers,
@@ -139,10 +175,7 @@ pub(crate) fn click_consumer(
         &bench.args.consumer_env,
     )?;
     let spawned = service.spawned();
-    let (stored, broker_after) = wait_drained(bench, &mut service, &table, &target, messages)?;
-    let broker = broker_before
-        .zip(broker_after)
-        .map(|(before, after)| after.saturating_sub(before));
+    let end = wait_drained(bench, &mut service, &table, &target, messages)?;
     let inserts = service.metric(INSERTS)? as u64;
     let mean_insert_ms = service.mean_insert_ms()?;
     let stopped = service.stop()?;
@@ -150,10 +183,10 @@ pub(crate) fn click_consumer(
         CLICK_CONSUMER,
         prefill,
         spawned,
-        stored,
+        start,
+        end,
         &stopped.reaped,
         stopped.peak_rss_kib,
-        broker,
     );
     run.inserts = Some(inserts);
     run.mean_insert_ms = Some(mean_insert_ms);
@@ -187,7 +220,7 @@ pub(crate) fn reference(bench: &Bench, name: &'static str) -> anyhow::Result<Dra
     };
     let target = Target::new("reference");
     let prefill = fill(bench, &target, bench.args.messages, Clicks::Normal)?;
-    let broker_before = broker_cpu(bench);
+    let start = Sample::now(bench);
     let mut command = Command::new(&bench.own_binary);
     command
         .arg("reference-consumer")
@@ -203,9 +236,10 @@ pub(crate) fn reference(bench: &Bench, name: &'static str) -> anyhow::Result<Dra
     let reaped = process
         .wait_exit(bench.drain_timeout())?
         .context("the reference consumer did not finish in time")?;
-    let broker = broker_before
-        .zip(broker_cpu(bench))
-        .map(|(before, after)| after.saturating_sub(before));
+    let end = Sample {
+        at: reaped.at,
+        ..Sample::now(bench)
+    };
     if !reaped.status.success() {
         bail!("the reference consumer failed ({})", reaped.status);
     }
@@ -225,10 +259,10 @@ pub(crate) fn reference(bench: &Bench, name: &'static str) -> anyhow::Result<Dra
         name,
         prefill,
         process.spawned(),
-        reaped.at,
+        start,
+        end,
         &reaped,
         peak_rss_kib,
-        broker,
     ))
 }
 
@@ -265,8 +299,8 @@ fn fill(bench: &Bench, target: &Target, messages: u64, clicks: Clicks) -> anyhow
 }
 
 /// Waits until all N rows are in ClickHouse, nothing is ready in the queue and nothing
-/// is unacknowledged. Returns when the last rows were stored, and the broker's CPU time
-/// then.
+/// is unacknowledged. Returns when the last rows were stored, with the broker's CPU time
+/// and the machine's then.
 ///
 /// When the last rows were stored is read afterwards, from ClickHouse's files: the
 /// newest part's write time ([`Table::last_part_written`]). Nothing asks ClickHouse
@@ -274,21 +308,21 @@ fn fill(bench: &Bench, target: &Target, messages: u64, clicks: Clicks) -> anyhow
 /// on a 2-core machine (measured), CPU taken from the broker during click-consumer's
 /// drains only. The end is noticed by sampling click-consumer's
 /// `click_consumer_rows_inserted_total` every 200 ms (0.33 ms of its CPU per sample,
-/// measured, charged to it), and ClickHouse's count is then checked. The broker's CPU
-/// is sampled every 20 ms from `/proc` (no request to anyone), and the first sample
-/// at or after the last part's write is the one used.
+/// measured, charged to it), and ClickHouse's count is then checked. The CPU times are
+/// sampled every 20 ms from `/proc` (no request to anyone), and the first sample at or
+/// after the last part's write is the one used.
 fn wait_drained(
     bench: &Bench,
     service: &mut Service,
     table: &Table<'_>,
     target: &Target,
     messages: u64,
-) -> anyhow::Result<(Instant, Option<Duration>)> {
+) -> anyhow::Result<Sample> {
     let deadline = Instant::now() + bench.drain_timeout();
-    let mut broker = Vec::new();
+    let mut samples = Vec::new();
     let mut asked: Option<Instant> = None;
     loop {
-        broker.push((Instant::now(), broker_cpu(bench)));
+        samples.push(Sample::now(bench));
         if asked.is_none_or(|asked| asked.elapsed() >= POLL) {
             asked = Some(Instant::now());
             service.ensure_running()?;
@@ -320,17 +354,19 @@ fn wait_drained(
         "  the last part was written {:.0} ms before /metrics showed all rows inserted",
         noticed.saturating_duration_since(stored).as_secs_f64() * 1e3
     );
-    let broker_then = broker
+    let then = samples
         .iter()
-        .find(|(at, _)| *at >= stored)
-        .or(broker.last())
-        .and_then(|(_, cpu)| *cpu);
+        .find(|sample| sample.at >= stored)
+        .or(samples.last())
+        .copied()
+        .context("no sample")?;
+    let end = Sample { at: stored, ..then };
     loop {
         service.ensure_running()?;
         if bench.runtime.block_on(bench.broker.ready(&target.queue))? == 0
             && service.metric(UNACKED).ok() == Some(0.0)
         {
-            return Ok((stored, broker_then));
+            return Ok(end);
         }
         if Instant::now() > deadline {
             bail!(

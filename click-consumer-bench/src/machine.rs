@@ -31,6 +31,41 @@ impl Machine {
     }
 }
 
+/// The machine's CPU time so far, all cores (`/proc/stat`'s `cpu` line), in ticks.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CpuTimes {
+    total: u64,
+    /// Time the hypervisor gave this machine's virtual CPUs to someone else.
+    steal: u64,
+}
+
+impl CpuTimes {
+    /// `None` where `/proc/stat` cannot be read or has no steal field.
+    pub(crate) fn now() -> Option<CpuTimes> {
+        let stat = fs::read_to_string("/proc/stat").ok()?;
+        let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+        // user nice system idle iowait irq softirq steal guest guest_nice; guest time
+        // is already counted in user and nice.
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .map(|field| field.parse().ok())
+            .collect::<Option<_>>()?;
+        Some(CpuTimes {
+            total: ticks.iter().sum(),
+            steal: *ticks.get(7)?,
+        })
+    }
+
+    /// The percentage of the machine's CPU time stolen between `self` and `later`.
+    pub(crate) fn steal_percent(self, later: CpuTimes) -> Option<f64> {
+        let total = later.total.checked_sub(self.total).filter(|&t| t > 0)?;
+        let steal = later.steal.checked_sub(self.steal)?;
+        Some(steal as f64 / total as f64 * 100.0)
+    }
+}
+
 /// The date of a run, in UTC.
 #[derive(Debug, Clone, Serialize)]
 pub(crate) struct RunDate {

@@ -126,6 +126,8 @@ struct Summary {
     rate: Spread,
     cpu_seconds_per_million: Spread,
     broker_cpu_seconds_per_million: Option<Spread>,
+    clickhouse_cpu_seconds_per_million: Option<Spread>,
+    steal_percent: Option<Spread>,
     peak_rss_mib: Spread,
     inserts: Option<f64>,
     mean_insert_ms: Option<f64>,
@@ -213,6 +215,11 @@ impl Summary {
             broker_cpu_seconds_per_million: Spread::of(
                 runs.iter().filter_map(|r| r.broker_cpu_seconds_per_million),
             ),
+            clickhouse_cpu_seconds_per_million: Spread::of(
+                runs.iter()
+                    .filter_map(|r| r.clickhouse_cpu_seconds_per_million),
+            ),
+            steal_percent: Spread::of(runs.iter().filter_map(|r| r.steal_percent)),
             peak_rss_mib: spread(|r| r.peak_rss_mib)?,
             inserts: median(runs.iter().filter_map(|r| r.inserts.map(|i| i as f64))),
             mean_insert_ms: median(runs.iter().filter_map(|r| r.mean_insert_ms)),
@@ -389,7 +396,7 @@ fn print_header(results: &Results) {
     );
 }
 
-const DRAIN_HEADER: &str = "run  consumer          seconds      msg/s  CPU-s/1M  broker CPU-s/1M  RSS MiB  INSERTs  ms/INSERT  parts  rows/part min/med/max  prefill msg/s";
+const DRAIN_HEADER: &str = "run  consumer          seconds      msg/s  CPU-s/1M  broker CPU-s/1M  CH CPU-s/1M  steal %  RSS MiB  INSERTs  ms/INSERT  parts  rows/part min/med/max  prefill msg/s";
 
 fn print_drains(drain: &Drain) {
     let runs = &drain.runs;
@@ -401,7 +408,9 @@ fn print_drains(drain: &Drain) {
     );
     println!(
         "(CPU: user+sys of the consumer process over its life; broker CPU: the RabbitMQ node's \
-         over the drain; RSS: the consumer's peak, VmHWM; * = drained first)"
+         over the drain; CH CPU: ClickHouse's over the drain; steal: the machine's CPU time \
+         taken by the hypervisor over the drain; \
+         RSS: the consumer's peak, VmHWM; * = drained first)"
     );
     println!("{DRAIN_HEADER}");
     for comparison in runs {
@@ -448,13 +457,17 @@ fn print_run(label: &str, run: &DrainRun, first: &str) {
         format!("{}/{}/{}", p.min_rows, p.median_rows, p.max_rows)
     });
     println!(
-        "{label:<4} {:<16} {:>8.2} {:>10} {:>9.2} {:>16} {:>8.1} {:>8} {:>10} {:>6}  {:<22} {:>13}",
+        "{label:<4} {:<16} {:>8.2} {:>10} {:>9.2} {:>16} {:>12} {:>8} {:>8.1} {:>8} {:>10} {:>6}  {:<22} {:>13}",
         format!("{}{mark}", run.consumer),
         run.seconds,
         grouped(run.rate),
         run.cpu_seconds_per_million,
         run.broker_cpu_seconds_per_million
             .map_or("-".to_owned(), |b| format!("{b:.2}")),
+        run.clickhouse_cpu_seconds_per_million
+            .map_or("-".to_owned(), |c| format!("{c:.2}")),
+        run.steal_percent
+            .map_or("-".to_owned(), |p| format!("{p:.1}")),
         run.peak_rss_mib,
         run.inserts.map_or("-".to_owned(), |n| n.to_string()),
         run.mean_insert_ms
@@ -469,7 +482,7 @@ fn print_run(label: &str, run: &DrainRun, first: &str) {
 
 fn print_summary(consumer: &str, summary: &Summary) {
     println!(
-        "  {consumer:<16} seconds {}, msg/s {} / {} / {}, CPU-s/1M {}, broker CPU-s/1M {}, RSS MiB {}",
+        "  {consumer:<16} seconds {}, msg/s {} / {} / {}, CPU-s/1M {}, broker CPU-s/1M {}, ClickHouse CPU-s/1M {}, steal % {}, RSS MiB {}",
         summary.seconds.show(2),
         grouped(summary.rate.min),
         grouped(summary.rate.median),
@@ -478,6 +491,10 @@ fn print_summary(consumer: &str, summary: &Summary) {
         summary
             .broker_cpu_seconds_per_million
             .map_or("-".to_owned(), |b| b.show(2)),
+        summary
+            .clickhouse_cpu_seconds_per_million
+            .map_or("-".to_owned(), |c| c.show(2)),
+        summary.steal_percent.map_or("-".to_owned(), |p| p.show(1)),
         summary.peak_rss_mib.show(1),
     );
 }
@@ -596,6 +613,13 @@ fn print_markdown(results: &Results) {
     row("broker CPU-seconds per 1M messages", &|x| {
         spread(x.broker_cpu_seconds_per_million, 2)
     });
+    row("ClickHouse CPU-seconds per 1M messages", &|x| {
+        spread(x.clickhouse_cpu_seconds_per_million, 2)
+    });
+    row(
+        "CPU time stolen by the hypervisor (% of the machine's)",
+        &|x| spread(x.steal_percent, 1),
+    );
     row("peak RSS (MiB)", &|x| x.peak_rss_mib.show(1));
     let ratio_row = |name: &str, of: fn(&RatioSpread) -> Option<Spread>| {
         println!(

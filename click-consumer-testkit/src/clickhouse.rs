@@ -103,6 +103,12 @@ impl ClickHouse {
         self.http_port
     }
 
+    /// The server's process id, while it runs: for reading its CPU time from
+    /// `/proc/<pid>/stat`.
+    pub fn pid(&self) -> Option<u32> {
+        self.server.pid()
+    }
+
     /// The HTTP base URL, `http://127.0.0.1:{http_port}`.
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.http_port)
