@@ -7,7 +7,7 @@
 # message, the targets with pass/fail and Markdown tables for the README; writes the
 # results to bench-results/<UTC timestamp>.json.
 #
-#   scripts/bench.sh                                   # defaults: 200,000 messages, 5 repeats, large drains, 30 s latency phase
+#   scripts/bench.sh                                   # defaults: 200,000 messages, 9 repeats, large drains, 30 s latency phase
 #   scripts/bench.sh --consumer-env PREFETCH_COUNT=2000 --consumer-env BATCH_SIZE=1000   # another window
 #   scripts/bench.sh --messages 50000 --repeats 1 --large-messages 0 --latency-seconds 10
 #   scripts/bench.sh --messages 2000000 --repeats 1 --skip-reference --skip-latency --large-messages 0   # peak RSS vs queue depth

@@ -7,8 +7,9 @@
 //! run of click-consumer itself) and its merges stopped, so that ClickHouse's parts
 //! count the INSERTs.
 //!
-//! click-consumer is done when ClickHouse counts all N rows, the queue has nothing ready
-//! and its `click_consumer_messages_unacked` is 0; it is then stopped with SIGTERM. The
+//! click-consumer is done when its `/metrics` counts N rows inserted, the queue has
+//! nothing ready and its `click_consumer_messages_unacked` is 0 (ClickHouse must then
+//! count exactly N rows); it is then stopped with SIGTERM. The
 //! reference consumer is done when it exits, having acknowledged N messages. Either way
 //! the process is reaped with its rusage: CPU time over its whole life. Peak RSS is the
 //! process's own `VmHWM` (see `child`): read just before SIGTERM for click-consumer,
@@ -17,7 +18,7 @@
 use std::{
     process::{Command, Stdio},
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, bail};
@@ -28,7 +29,7 @@ use crate::child::{Reaped, Watched, cpu_time};
 use crate::machine::CpuTimes;
 use crate::prefill::{Clicks, Prefill, prefill};
 use crate::reference;
-use crate::service::{INSERTS, ROWS_INSERTED, Service, UNACKED};
+use crate::service::{INSERTS, LAST_INSERT, ROWS_INSERTED, Service, UNACKED};
 use crate::stack::Target;
 use crate::table::{Parts, Table};
 
@@ -38,8 +39,15 @@ const SETTLE: Duration = Duration::from_secs(1);
 const READY_LIMIT: Duration = Duration::from_secs(30);
 /// Interval of the done check of click-consumer (a `/metrics` sample).
 const POLL: Duration = Duration::from_millis(200);
-/// Interval of the broker's CPU samples, and of the checks once the rows are stored.
+/// Interval of the CPU samples.
 const SAMPLE: Duration = Duration::from_millis(20);
+/// How long before click-consumer's last INSERT was answered its part may have been
+/// written: the benchmark's INSERTs take tens of milliseconds (large batches, up to a
+/// second or two).
+const INSERT_ANSWER_LIMIT: f64 = 5.0;
+/// How far after that answer the part's time may seem to be: the tick added for the
+/// coarse clock, beyond which the file time would be later than the answer.
+const PART_TIME_SLACK: f64 = 0.011;
 
 pub(crate) const CLICK_CONSUMER: &str = "click-consumer";
 pub(crate) const REFERENCE: &str = "reference";
@@ -62,8 +70,8 @@ pub(crate) struct DrainRun {
     /// The broker's CPU time over the same span.
     pub(crate) broker_cpu_seconds: Option<f64>,
     pub(crate) broker_cpu_seconds_per_million: Option<f64>,
-    /// ClickHouse's CPU time over the same span, per million messages: the INSERTs'
-    /// cost on the machine (about none while a reference drains).
+    /// ClickHouse's CPU time over the same span, per million messages (the INSERTs, and
+    /// whatever else the server does meanwhile: about nothing while a reference drains).
     pub(crate) clickhouse_cpu_seconds_per_million: Option<f64>,
     /// The share of the machine's CPU time that the hypervisor gave to others over the
     /// same span (`steal` in `/proc/stat`), in percent: a drain slowed by it is slow
@@ -233,9 +241,19 @@ pub(crate) fn reference(bench: &Bench, name: &'static str) -> anyhow::Result<Dra
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     let mut process = Watched::spawn("the reference consumer", command)?;
-    let reaped = process
-        .wait_exit(bench.drain_timeout())?
-        .context("the reference consumer did not finish in time")?;
+    // Sampled like click-consumer's drain (see `wait_drained`), so that the benchmark's
+    // own reads of /proc load the machine alike during both.
+    let deadline = Instant::now() + bench.drain_timeout();
+    let reaped = loop {
+        let _ = Sample::now(bench);
+        if let Some(reaped) = process.wait_exit(SAMPLE)? {
+            break reaped;
+        }
+        anyhow::ensure!(
+            Instant::now() <= deadline,
+            "the reference consumer did not finish in time"
+        );
+    };
     let end = Sample {
         at: reaped.at,
         ..Sample::now(bench)
@@ -299,8 +317,7 @@ fn fill(bench: &Bench, target: &Target, messages: u64, clicks: Clicks) -> anyhow
 }
 
 /// Waits until all N rows are in ClickHouse, nothing is ready in the queue and nothing
-/// is unacknowledged. Returns when the last rows were stored, with the broker's CPU time
-/// and the machine's then.
+/// is unacknowledged. Returns when the last rows were stored, with the CPU times then.
 ///
 /// When the last rows were stored is read afterwards, from ClickHouse's files: the
 /// newest part's write time ([`Table::last_part_written`]). Nothing asks ClickHouse
@@ -308,8 +325,11 @@ fn fill(bench: &Bench, target: &Target, messages: u64, clicks: Clicks) -> anyhow
 /// on a 2-core machine (measured), CPU taken from the broker during click-consumer's
 /// drains only. The end is noticed by sampling click-consumer's
 /// `click_consumer_rows_inserted_total` every 200 ms (0.33 ms of its CPU per sample,
-/// measured, charged to it), and ClickHouse's count is then checked. The CPU times are
-/// sampled every 20 ms from `/proc` (no request to anyone), and the first sample at or
+/// measured, charged to it); once nothing is ready or unacknowledged, ClickHouse must
+/// count exactly N rows (a duplicate fails the drain), and the part's write time must
+/// agree with click-consumer's `click_consumer_last_insert_timestamp_seconds` (see
+/// [`plausible`]). The CPU times are sampled every 20 ms from `/proc` (no request to
+/// anyone; the reference's drain is sampled the same way), and the first sample at or
 /// after the last part's write is the one used.
 fn wait_drained(
     bench: &Bench,
@@ -321,12 +341,17 @@ fn wait_drained(
     let deadline = Instant::now() + bench.drain_timeout();
     let mut samples = Vec::new();
     let mut asked: Option<Instant> = None;
+    let mut inserted = false;
     loop {
         samples.push(Sample::now(bench));
         if asked.is_none_or(|asked| asked.elapsed() >= POLL) {
             asked = Some(Instant::now());
             service.ensure_running()?;
-            if service.metric(ROWS_INSERTED).unwrap_or(0.0) >= messages as f64 {
+            inserted = inserted || service.metric(ROWS_INSERTED).unwrap_or(0.0) >= messages as f64;
+            if inserted
+                && bench.runtime.block_on(bench.broker.ready(&target.queue))? == 0
+                && service.metric(UNACKED).ok() == Some(0.0)
+            {
                 break;
             }
             if Instant::now() > deadline {
@@ -339,43 +364,53 @@ fn wait_drained(
         }
         thread::sleep(SAMPLE);
     }
-    // What the consumer reports as inserted must be in ClickHouse.
+    // The end was seen after the last sample: one more, which is after it.
+    samples.push(Sample::now(bench));
     let rows = table.count();
     anyhow::ensure!(
-        rows >= messages,
-        "click-consumer reported {messages} rows inserted, but ClickHouse counts {rows}"
+        rows == messages,
+        "click-consumer drained {messages} messages, but ClickHouse counts {rows} rows"
     );
-    let noticed = Instant::now();
     let written = table.last_part_written()?;
+    let last_insert = service.metric(LAST_INSERT)?;
+    plausible(written, last_insert)?;
     let stored = service
         .at(written)
         .context("the table's newest part is older than the consumer")?;
+    let noticed = samples.last().map_or(stored, |sample| sample.at);
+    anyhow::ensure!(
+        stored <= noticed,
+        "the table's newest part was written after the drain was seen to end"
+    );
     eprintln!(
-        "  the last part was written {:.0} ms before /metrics showed all rows inserted",
-        noticed.saturating_duration_since(stored).as_secs_f64() * 1e3
+        "  the last part was written {:.0} ms before the end of the drain was noticed",
+        (noticed - stored).as_secs_f64() * 1e3
     );
     let then = samples
         .iter()
         .find(|sample| sample.at >= stored)
-        .or(samples.last())
         .copied()
-        .context("no sample")?;
-    let end = Sample { at: stored, ..then };
-    loop {
-        service.ensure_running()?;
-        if bench.runtime.block_on(bench.broker.ready(&target.queue))? == 0
-            && service.metric(UNACKED).ok() == Some(0.0)
-        {
-            return Ok(end);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "click-consumer stored {messages} rows but did not finish acknowledging them within {:?}",
-                bench.drain_timeout()
-            );
-        }
-        thread::sleep(SAMPLE);
-    }
+        .context("no CPU sample after the last part was written")?;
+    Ok(Sample { at: stored, ..then })
+}
+
+/// An error unless `written` (a part's write time, with the coarse clock's tick added)
+/// and `last_insert` (the consumer's wall clock when its last INSERT was answered, Unix
+/// seconds) tell the same story: the part was written before the answer, and not long
+/// before. Guards the drain's end against file times of a coarser filesystem, a stale
+/// clock or a part touched later, each of which would misplace it.
+fn plausible(written: SystemTime, last_insert: f64) -> anyhow::Result<()> {
+    let written = written
+        .duration_since(UNIX_EPOCH)
+        .context("a part written before 1970")?
+        .as_secs_f64();
+    let early = last_insert - written;
+    anyhow::ensure!(
+        (-PART_TIME_SLACK..=INSERT_ANSWER_LIMIT).contains(&early),
+        "the newest part's file time is {early:.3} s before click-consumer's last INSERT \
+         was answered; expected between -{PART_TIME_SLACK} and {INSERT_ANSWER_LIMIT} s"
+    );
+    Ok(())
 }
 
 /// One repeat of the drain comparison.
@@ -492,4 +527,24 @@ fn measured(
         run.peak_rss_mib
     );
     Ok(run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_part_must_be_written_shortly_before_the_last_insert_was_answered() {
+        let at = |seconds: f64| UNIX_EPOCH + Duration::from_secs_f64(seconds);
+        assert!(plausible(at(1000.0), 1000.02).is_ok());
+        assert!(plausible(at(1000.005), 1000.0).is_ok(), "within a tick");
+        assert!(
+            plausible(at(1000.5), 1000.0).is_err(),
+            "written after the answer"
+        );
+        assert!(
+            plausible(at(990.0), 1000.0).is_err(),
+            "long before the answer"
+        );
+    }
 }

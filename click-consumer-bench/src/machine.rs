@@ -42,7 +42,10 @@ pub(crate) struct CpuTimes {
 impl CpuTimes {
     /// `None` where `/proc/stat` cannot be read or has no steal field.
     pub(crate) fn now() -> Option<CpuTimes> {
-        let stat = fs::read_to_string("/proc/stat").ok()?;
+        CpuTimes::parse(&fs::read_to_string("/proc/stat").ok()?)
+    }
+
+    fn parse(stat: &str) -> Option<CpuTimes> {
         let line = stat.lines().find(|line| line.starts_with("cpu "))?;
         // user nice system idle iowait irq softirq steal guest guest_nice; guest time
         // is already counted in user and nice.
@@ -121,4 +124,23 @@ fn memory_kib() -> Option<u64> {
 
 fn read_trimmed(path: &str) -> Option<String> {
     fs::read_to_string(path).ok().map(|s| s.trim().to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn steal_is_a_share_of_all_cpu_time() {
+        let before = "cpu  100 0 50 800 10 0 0 40 7 0\ncpu0 50 0 25 400 5 0 0 20 0 0\n";
+        let after = "cpu  200 0 100 1500 10 0 0 190 9 0\n";
+        let (before, after) = (
+            CpuTimes::parse(before).unwrap(),
+            CpuTimes::parse(after).unwrap(),
+        );
+        // 1,000 ticks passed (guest time is inside user), 150 of them stolen.
+        assert_eq!(before.steal_percent(after), Some(15.0));
+        assert_eq!(after.steal_percent(after), None);
+        assert!(CpuTimes::parse("cpu  1 2 3 4 5 6 7\n").is_none());
+    }
 }

@@ -15,6 +15,8 @@ use crate::stack::{Servers, Target};
 
 pub(crate) const UNACKED: &str = "click_consumer_messages_unacked";
 pub(crate) const INSERTS: &str = "click_consumer_inserts_total";
+/// When its last INSERT was answered (Unix seconds, its wall clock).
+pub(crate) const LAST_INSERT: &str = "click_consumer_last_insert_timestamp_seconds";
 /// Rows whose INSERT ClickHouse has answered.
 pub(crate) const ROWS_INSERTED: &str = "click_consumer_rows_inserted_total";
 const INSERT_SECONDS_SUM: &str = "click_consumer_insert_duration_seconds_sum";

@@ -83,6 +83,14 @@ impl<'a> Table<'a> {
             }
         }
         let last = last.ok_or_else(|| anyhow::anyhow!("{} has no parts", self.qualified()))?;
+        let nanos = last
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| since.subsec_nanos());
+        anyhow::ensure!(
+            nanos != 0,
+            "the file times of ClickHouse's parts have no sub-second part: this filesystem \
+             cannot time the drain"
+        );
         Ok(last + coarse_clock_resolution())
     }
 

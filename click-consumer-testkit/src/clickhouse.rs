@@ -252,6 +252,10 @@ impl ClickHouse {
             .current_dir(self.dir())
             .env_clear()
             .env("PATH", search_path())
+            // Servers from 21.x fork a watchdog when no terminal is attached: without
+            // it, the process started is the server itself (its pid, its CPU time, its
+            // kill). 18.16 has none and ignores this.
+            .env("CLICKHOUSE_WATCHDOG_ENABLE", "0")
             .stdin(Stdio::null())
             .stdout(self.output_log())
             .stderr(self.output_log())
