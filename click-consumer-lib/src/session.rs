@@ -385,16 +385,13 @@ impl Session {
                 () = &mut flush_sleep, if flush_timer.is_some() => {}
                 () = sleep_until(pause_check) => {}
                 _ = stats_tick.tick() => {
-                    // The gauge's question does not hold up a shutdown either.
-                    let asked = tokio::select! {
+                    // The gauge's question does not hold up a shutdown either: the next
+                    // turn's `cancelled` arm drains.
+                    tokio::select! {
                         biased;
-                        () = &mut cancelled => false,
-                        () = self.refresh_queue_depth() => true,
-                    };
-                    if !asked {
-                        break self.drain(std::mem::take(&mut batch), in_flight.take()).await;
+                        () = &mut cancelled => {}
+                        () = self.refresh_queue_depth() => stats.log(),
                     }
-                    stats.log();
                 }
                 delivery = next_of(&mut self.draining), if receiving && !self.draining.is_empty() => {
                     match delivery {
