@@ -365,7 +365,8 @@ fn wait_drained(
         thread::sleep(SAMPLE);
     }
     // The end was seen after the last sample: one more, which is after it.
-    samples.push(Sample::now(bench));
+    let noticed = Sample::now(bench);
+    samples.push(noticed);
     let rows = table.count();
     anyhow::ensure!(
         rows == messages,
@@ -377,7 +378,7 @@ fn wait_drained(
     let stored = service
         .at(written)
         .context("the table's newest part is older than the consumer")?;
-    let noticed = samples.last().map_or(stored, |sample| sample.at);
+    let noticed = noticed.at;
     anyhow::ensure!(
         stored <= noticed,
         "the table's newest part was written after the drain was seen to end"

@@ -445,7 +445,7 @@ fn print_drains(drain: &Drain) {
                 "  click-consumer / {name}: rate {}, CPU {}, broker CPU {}",
                 r.rate.show(2),
                 r.cpu.show(2),
-                r.broker_cpu.map_or("-".to_owned(), |b| b.show(2))
+                shown(r.broker_cpu, 2)
             );
         }
     }
@@ -462,22 +462,28 @@ fn print_run(label: &str, run: &DrainRun, first: &str) {
         run.seconds,
         grouped(run.rate),
         run.cpu_seconds_per_million,
-        run.broker_cpu_seconds_per_million
-            .map_or("-".to_owned(), |b| format!("{b:.2}")),
-        run.clickhouse_cpu_seconds_per_million
-            .map_or("-".to_owned(), |c| format!("{c:.2}")),
-        run.steal_percent
-            .map_or("-".to_owned(), |p| format!("{p:.1}")),
+        fixed(run.broker_cpu_seconds_per_million, 2),
+        fixed(run.clickhouse_cpu_seconds_per_million, 2),
+        fixed(run.steal_percent, 1),
         run.peak_rss_mib,
         run.inserts.map_or("-".to_owned(), |n| n.to_string()),
-        run.mean_insert_ms
-            .map_or("-".to_owned(), |ms| format!("{ms:.1}")),
+        fixed(run.mean_insert_ms, 1),
         run.parts
             .as_ref()
             .map_or("-".to_owned(), |p| p.count.to_string()),
         parts,
         grouped(run.prefill.rate),
     );
+}
+
+/// `value` with `decimals` decimals, or `-` when it was not measured.
+fn fixed(value: Option<f64>, decimals: usize) -> String {
+    value.map_or_else(|| "-".to_owned(), |v| format!("{v:.decimals$}"))
+}
+
+/// A spread with `decimals` decimals, or `-` when it was not measured.
+fn shown(spread: Option<Spread>, decimals: usize) -> String {
+    spread.map_or_else(|| "-".to_owned(), |s| s.show(decimals))
 }
 
 fn print_summary(consumer: &str, summary: &Summary) {
@@ -488,13 +494,9 @@ fn print_summary(consumer: &str, summary: &Summary) {
         grouped(summary.rate.median),
         grouped(summary.rate.max),
         summary.cpu_seconds_per_million.show(2),
-        summary
-            .broker_cpu_seconds_per_million
-            .map_or("-".to_owned(), |b| b.show(2)),
-        summary
-            .clickhouse_cpu_seconds_per_million
-            .map_or("-".to_owned(), |c| c.show(2)),
-        summary.steal_percent.map_or("-".to_owned(), |p| p.show(1)),
+        shown(summary.broker_cpu_seconds_per_million, 2),
+        shown(summary.clickhouse_cpu_seconds_per_million, 2),
+        shown(summary.steal_percent, 1),
         summary.peak_rss_mib.show(1),
     );
 }
@@ -506,7 +508,7 @@ fn print_ratios(label: &str, name: &str, ratios: Option<Ratios>) {
             format!("c-c/{name}"),
             r.rate,
             r.cpu,
-            r.broker_cpu.map_or("-".to_owned(), |b| format!("{b:.2}"))
+            fixed(r.broker_cpu, 2)
         );
     }
 }
@@ -530,8 +532,7 @@ fn print_large(large: &[LargeDrain]) {
             r.rate,
             r.bytes_per_second.unwrap_or(f64::NAN) / 1e6,
             r.cpu_seconds,
-            r.broker_cpu_seconds
-                .map_or("-".to_owned(), |b| format!("{b:.2}")),
+            fixed(r.broker_cpu_seconds, 2),
             r.peak_rss_mib,
             r.inserts.map_or("-".to_owned(), |n| n.to_string()),
         );
